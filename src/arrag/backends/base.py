@@ -1,0 +1,67 @@
+"""What the decoding loop needs from an image-token generator, and nothing more.
+
+A backend hides its prompt format, KV cache and classifier-free-guidance batch layout inside a
+:class:`Session`; the loop sees one row per image and receives conditional and unconditional logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+from arrag.grid import Grid
+
+
+@dataclass
+class StepLogits:
+    """Next-token logits of one decoding step."""
+
+    cond: torch.Tensor  # (B, V) prompt-conditioned logits
+    uncond: torch.Tensor | None = None  # (B, V) unconditional logits; None when guidance is off
+
+
+class Session(Protocol):
+    """Decoding state of one batch of prompts (KV cache, CFG layout)."""
+
+    def step(self, previous: torch.Tensor | None) -> StepLogits:
+        """Feed the tokens sampled at the previous step, (B,) or None at the first step; get the next logits."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A text-to-image generator that emits an R×C grid of VQ tokens in raster order."""
+
+    name: str
+    grid: Grid
+    codebook_size: int
+    cell_dim: int  # size of one codebook vector (and of one encoder latent)
+    image_size: int  # pixels per side of a generated or encoded image
+    codebook_fingerprint: str
+    device: torch.device
+
+    def start(self, prompts: Sequence[str], guidance_scale: float) -> Session: ...
+
+    def code_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(...) token ids -> (..., d) L2-normalised codebook vectors."""
+        ...
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image -> (3, H, W) in [-1, 1], resized and centre-cropped as the tokenizer expects."""
+        ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, R·C) token ids."""
+        ...
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, R·C, d) continuous encoder latents (before quantisation)."""
+        ...
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, R·C) token ids -> (N, 3, H, W) images in [0, 1]."""
+        ...

@@ -1,0 +1,115 @@
+"""The project's own generator: :class:`ImageTransformer` over the tokens of a :class:`VQModel`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from arrag.backends.base import StepLogits
+from arrag.grid import Grid
+from arrag.images import center_crop
+from arrag.keys import codebook_fingerprint
+from arrag.models.transformer import (
+    ImageTransformer,
+    TransformerConfig,
+    encode_captions,
+    unconditional_captions,
+)
+from arrag.models.vq import VQConfig, VQModel
+
+
+class BuiltinSession:
+    """Conditional and unconditional rows stacked as halves of one batch, with one KV cache."""
+
+    def __init__(self, model: ImageTransformer, prompts: Sequence[str], guidance: bool, device: torch.device):
+        self.model = model
+        self.batch = len(prompts)
+        max_len = model.config.max_text_len
+        text = encode_captions(list(prompts), max_len)  # (B, L+1)
+        if guidance:
+            text = torch.cat([text, unconditional_captions(self.batch, max_len)])  # (2B, L+1)
+        self.text: torch.Tensor | None = text.to(device)
+        self.guidance = guidance
+        self.cache = model.new_cache(text.shape[0])
+
+    def step(self, previous: torch.Tensor | None) -> StepLogits:
+        if previous is None:
+            logits = self.model(self.text, None, self.cache)[:, -1]  # (B or 2B, V)
+        else:
+            fed = previous.repeat(2) if self.guidance else previous  # (B or 2B,)
+            logits = self.model(None, fed[:, None], self.cache)[:, -1]
+        if self.guidance:
+            cond, uncond = logits.chunk(2)
+            return StepLogits(cond=cond, uncond=uncond)
+        return StepLogits(cond=logits)
+
+
+@dataclass
+class BuiltinBackend:
+    """A backend over the built-in transformer and VQ tokenizer (random for ``tiny``; trained when shipped)."""
+
+    name: str
+    transformer: ImageTransformer
+    vq: VQModel
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.transformer.to(self.device).eval()
+        self.vq.to(self.device).eval()
+        side = self.vq.config.grid_size
+        self.grid = Grid(side, side)
+        if self.transformer.config.image_tokens != self.grid.size:
+            raise ValueError(
+                f"the transformer emits {self.transformer.config.image_tokens} tokens, the tokenizer's grid "
+                f"has {self.grid.size}"
+            )
+        if self.transformer.config.codebook_size != self.vq.config.codebook_size:
+            raise ValueError("the transformer and the tokenizer disagree on the codebook size")
+        self.codebook_size = self.vq.config.codebook_size
+        self.cell_dim = self.vq.config.code_dim
+        self.image_size = self.vq.config.image_size
+        self.codebook_fingerprint = codebook_fingerprint(self.vq.codebook.weight)
+
+    def start(self, prompts: Sequence[str], guidance_scale: float) -> BuiltinSession:
+        return BuiltinSession(self.transformer, prompts, guidance_scale != 1.0, self.device)
+
+    @torch.no_grad()
+    def code_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.vq.normalised_codebook()[tokens.to(self.device)]
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return center_crop(image, self.image_size)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vq.quantize(self.encode_latents(images))  # (N, R·C)
+
+    @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vq.latents(images.to(self.device))  # (N, R·C, d)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return ((self.vq.decode_codes(tokens.to(self.device)) + 1) / 2).clamp(0, 1)  # (N, 3, H, W)
+
+
+TINY_VQ = VQConfig(codebook_size=64, code_dim=8, channels=(16, 32, 32), image_size=32)
+
+
+def tiny_backend(seed: int = 0, device: str | torch.device = "cpu") -> BuiltinBackend:
+    """A deterministic randomly initialised backend (8×8 tokens, 64 codes) for tests and quick checks."""
+    config = TransformerConfig(
+        codebook_size=TINY_VQ.codebook_size,
+        image_tokens=TINY_VQ.grid_size**2,
+        max_text_len=48,
+        width=64,
+        layers=2,
+        heads=4,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, vq = ImageTransformer(config), VQModel(TINY_VQ)
+    return BuiltinBackend(f"tiny-{seed}", transformer, vq, torch.device(device))

@@ -1,0 +1,167 @@
+"""Command line: ``arrag generate``, ``arrag db build``, ``arrag db info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from arrag import __version__
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from arrag.backends import load_backend
+    from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
+    from arrag.database import PatchDatabase, read_manifest
+    from arrag.decoding.loop import backend_spec, generate
+    from arrag.images import save_image
+
+    method = args.method or ("daid" if args.db else "none")
+    config = GenerationConfig(
+        method=method,
+        sampling=SamplingConfig(
+            guidance_scale=args.guidance_scale,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            filter_order=args.filter_order,
+        ),
+        retrieval=RetrievalConfig(weight=args.lam, temperature=args.tau, k=args.k, duplicates=args.duplicates),
+        num_images_per_prompt=args.num_images,
+        seed=args.seed,
+    )
+    backend_name = args.backend or (read_manifest(args.db)["spec"]["backend"] if args.db else "tiny")
+    backend = load_backend(backend_name, args.device)
+    database = None
+    if args.db and method == "daid":
+        database = PatchDatabase.load(args.db)
+        database.spec.check_serves(backend_spec(backend, database))
+    output = generate(backend, args.prompts, config, database)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n = config.num_images_per_prompt
+    for row, (prompt, seed) in enumerate(zip(output.prompts, output.seeds, strict=True)):
+        records = output.records
+        metadata = {
+            "prompt": prompt,
+            "seed": seed,
+            "backend": backend.name,
+            "database": str(args.db) if args.db else None,
+            "arrag_version": __version__,
+            "config": config.to_dict(),
+            "tokens": output.tokens[row].tolist(),
+            "provenance": {
+                "image_ids": records.image_ids[row].tolist(),
+                "positions": records.positions[row].tolist(),
+                "sources": database.sources if database is not None else [],
+            },
+        }
+        path = args.out / f"prompt{row // n:03d}-image{row % n:02d}.png"
+        save_image(output.images[row], path, metadata)
+        print(f"{path}  seed={seed}  {prompt!r}")
+    return 0
+
+
+def _db_build(args: argparse.Namespace) -> int:
+    from arrag.backends import load_backend
+    from arrag.build import build_database
+    from arrag.grid import Neighbourhood
+
+    backend = load_backend(args.backend, args.device)
+    report = build_database(
+        backend,
+        args.images,
+        args.out,
+        Neighbourhood(args.hops, args.missing),
+        args.key_source,
+        args.batch_size,
+        args.overwrite,
+    )
+    print(f"built {args.out}: {report.images_added} images, {report.entries} entries in {report.seconds:.1f} s")
+    for skipped in report.skipped:
+        print(f"  skipped {skipped['path']}: {skipped['reason']}")
+    return 0
+
+
+def _db_info(args: argparse.Namespace) -> int:
+    from arrag.database import INDEX_FILE, read_manifest
+
+    manifest = read_manifest(args.directory)
+    entries = manifest["counts"]["entries"]
+    index_bytes = (args.directory / INDEX_FILE).stat().st_size
+    print(json.dumps(manifest, indent=2))
+    print(f"entries: {entries}  index size: {index_bytes} bytes  bytes per entry: {index_bytes / max(entries, 1):.1f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arrag", description="Autoregressive retrieval augmentation (AR-RAG)")
+    parser.add_argument("--version", action="version", version=f"arrag {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="prompts -> PNG images, with DAiD when given a patch database")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--backend", help="model (default: the database's backend, else tiny)")
+    gen.add_argument("--db", type=Path, help="patch database directory (arrag db build)")
+    gen.add_argument("--method", choices=["none", "daid"], help="default: daid with --db, else none")
+    gen.add_argument("--lambda", dest="lam", type=float, default=0.3, help="retrieval weight λ in [0, 1]")
+    gen.add_argument("--tau", type=float, default=1.0, help="retrieval temperature τ > 0")
+    gen.add_argument("--k", type=int, default=2048, help="neighbours retrieved per position")
+    gen.add_argument(
+        "--duplicates",
+        choices=["nearest", "sum"],
+        default="nearest",
+        help="weigh each retrieved token by its nearest occurrence (paper) or by all (kNN-LM)",
+    )
+    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--filter-order", choices=["after_merge", "before_merge"], default="after_merge")
+    gen.add_argument("--seed", type=int, default=0, help="image i of the request is seeded seed + i")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--out", type=Path, default=Path("samples"))
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(handler=_generate)
+
+    db = sub.add_parser("db", help="patch databases").add_subparsers(dest="db_command", required=True)
+    build = db.add_parser("build", help="images -> patch database through a backend's tokenizer")
+    build.add_argument("images", nargs="+", type=Path, metavar="IMAGES", help="image files or folders (recursive)")
+    build.add_argument("--out", type=Path, required=True)
+    build.add_argument("--backend", default="tiny")
+    build.add_argument("--hops", type=int, default=1, help="causal neighbourhood radius (1: the paper's L)")
+    build.add_argument(
+        "--missing",
+        choices=["skip", "zero"],
+        default="skip",
+        help="positions with neighbours off the grid: no entry (paper's code) or zero-padded",
+    )
+    build.add_argument("--key-source", choices=["codebook", "latents"], default="codebook")
+    build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument("--overwrite", action="store_true", help="replace an existing database at --out")
+    build.add_argument("--device", default="cpu")
+    build.set_defaults(handler=_db_build)
+
+    info = db.add_parser("info", help="print a database's manifest and size")
+    info.add_argument("directory", type=Path)
+    info.set_defaults(handler=_db_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"arrag: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

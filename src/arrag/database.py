@@ -1,0 +1,276 @@
+"""The patch database: FAISS index over patch keys whose ids carry the next token and its provenance.
+
+An entry is made for every eligible position of every database image. Its key is
+:func:`arrag.keys.patch_keys` of the position's causal neighbours; its FAISS id packs
+``(image id, position, token)`` (see :class:`IdLayout`), so a search returns the token that followed each
+neighbour and where it came from without a second lookup array.
+
+Shapes: B queries, K neighbours, D key length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from arrag.grid import Grid, Neighbourhood
+from arrag.keys import KEY_SOURCES, KeySource, key_dim, patch_keys
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+SOURCES_FILE = "sources.json"
+
+
+class DatabaseMismatchError(ValueError):
+    """A database was built for another tokenizer, grid or neighbourhood than the one asked for."""
+
+
+@dataclass(frozen=True)
+class DatabaseSpec:
+    """Everything a backend and a database must agree on for keys and tokens to mean the same thing."""
+
+    backend: str
+    grid: Grid
+    codebook_size: int
+    codebook_fingerprint: str
+    cell_dim: int
+    neighbourhood: Neighbourhood = field(default_factory=Neighbourhood)
+    key_source: KeySource = "codebook"
+
+    def __post_init__(self) -> None:
+        if self.key_source not in KEY_SOURCES:
+            raise ValueError(f"key_source must be one of {KEY_SOURCES}, got {self.key_source!r}")
+        if self.codebook_size < 2 or self.cell_dim < 1:
+            raise ValueError(f"bad codebook: {self.codebook_size} codes of size {self.cell_dim}")
+
+    @property
+    def key_dim(self) -> int:
+        return key_dim(self.neighbourhood, self.cell_dim)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "backend": self.backend,
+            "grid": [self.grid.rows, self.grid.cols],
+            "codebook_size": self.codebook_size,
+            "codebook_fingerprint": self.codebook_fingerprint,
+            "cell_dim": self.cell_dim,
+            "neighbourhood": self.neighbourhood.to_dict(),
+            "key_source": self.key_source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DatabaseSpec:
+        return cls(
+            backend=data["backend"],
+            grid=Grid(*data["grid"]),
+            codebook_size=data["codebook_size"],
+            codebook_fingerprint=data["codebook_fingerprint"],
+            cell_dim=data["cell_dim"],
+            neighbourhood=Neighbourhood(**data["neighbourhood"]),
+            key_source=data["key_source"],
+        )
+
+    def check_serves(self, backend_spec: DatabaseSpec) -> None:
+        """Raise :class:`DatabaseMismatchError` unless this database's tokens mean the backend's tokens."""
+        for name, ours, theirs in (
+            ("codebook fingerprint", self.codebook_fingerprint, backend_spec.codebook_fingerprint),
+            ("codebook size", self.codebook_size, backend_spec.codebook_size),
+            (
+                "token grid",
+                (self.grid.rows, self.grid.cols),
+                (backend_spec.grid.rows, backend_spec.grid.cols),
+            ),
+        ):
+            if ours != theirs:
+                raise DatabaseMismatchError(
+                    f"this database was built for backend {self.backend!r} ({name} {ours}), but backend "
+                    f"{backend_spec.backend!r} has {name} {theirs}. Build a database with the same backend "
+                    f"(arrag db build IMAGES --backend {backend_spec.backend} --out DIR)."
+                )
+
+
+@dataclass(frozen=True)
+class IdLayout:
+    """Bit layout of a FAISS id: ``image << (position_bits + token_bits) | position << token_bits | token``."""
+
+    token_bits: int
+    position_bits: int
+
+    @classmethod
+    def for_spec(cls, spec: DatabaseSpec) -> IdLayout:
+        return cls(
+            token_bits=max(1, math.ceil(math.log2(spec.codebook_size))),
+            position_bits=max(1, math.ceil(math.log2(spec.grid.size))),
+        )
+
+    @property
+    def max_images(self) -> int:
+        # 63 bits: FAISS ids are signed and -1 means "no result".
+        return 1 << (63 - self.token_bits - self.position_bits)
+
+    def pack(self, image: np.ndarray, position: np.ndarray, token: np.ndarray) -> np.ndarray:
+        image, position, token = (np.asarray(a, dtype=np.int64) for a in (image, position, token))
+        return (image << (self.position_bits + self.token_bits)) | (position << self.token_bits) | token
+
+    def unpack(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids -> (image, position, token); -1 ids (no result) give -1 everywhere."""
+        ids = np.asarray(ids, dtype=np.int64)
+        missing = ids < 0
+        token = ids & ((1 << self.token_bits) - 1)
+        position = (ids >> self.token_bits) & ((1 << self.position_bits) - 1)
+        image = ids >> (self.position_bits + self.token_bits)
+        return tuple(np.where(missing, -1, part) for part in (image, position, token))  # type: ignore[return-value]
+
+
+@dataclass
+class Neighbours:
+    """Search results; entries with ``valid`` False are padding (fewer than K entries in the database)."""
+
+    distances: torch.Tensor  # (B, K) float32 squared L2, +inf where not valid
+    tokens: torch.Tensor  # (B, K) int64 token that followed the neighbour, 0 where not valid
+    image_ids: torch.Tensor  # (B, K) int64 database image id, -1 where not valid
+    positions: torch.Tensor  # (B, K) int64 raster position in that image, -1 where not valid
+    valid: torch.Tensor  # (B, K) bool
+
+
+class PatchDatabase:
+    """Exact (flat, squared-L2) patch database."""
+
+    def __init__(self, spec: DatabaseSpec, index: faiss.Index | None = None, sources: list[str] | None = None):
+        self.spec = spec
+        self.layout = IdLayout.for_spec(spec)
+        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatL2(spec.key_dim))
+        if self.index.d != spec.key_dim:
+            raise ValueError(f"index has dimension {self.index.d}, the spec's keys have {spec.key_dim}")
+        self.sources: list[str] = list(sources or [])
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.sources)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Raster positions that get entries (and decoding-time queries)."""
+        return self.spec.neighbourhood.eligible(self.spec.grid)
+
+    def add(self, tokens: torch.Tensor, cell_vectors: torch.Tensor, sources: list[str]) -> None:
+        """Add images to the database.
+
+        Args:
+            tokens: (N, R·C) token grids in raster order.
+            cell_vectors: (N, R·C, d) the vectors keys are made of (codebook vectors or encoder latents).
+            sources: N names (file paths) recorded for provenance.
+        """
+        n = tokens.shape[0]
+        if cell_vectors.shape[:2] != tokens.shape or len(sources) != n:
+            raise ValueError(
+                f"tokens {tuple(tokens.shape)}, cell_vectors {tuple(cell_vectors.shape)} and "
+                f"{len(sources)} sources do not describe the same images"
+            )
+        first_id = self.num_images
+        if first_id + n > self.layout.max_images:
+            raise ValueError(f"the id layout holds at most {self.layout.max_images} images")
+        positions = self.positions  # (P,)
+        keys = patch_keys(cell_vectors, positions, self.spec.grid, self.spec.neighbourhood)  # (N, P, D)
+        image_ids = np.arange(first_id, first_id + n)[:, None]  # (N, 1)
+        values = tokens[:, positions].cpu().numpy()  # (N, P)
+        ids = self.layout.pack(image_ids, positions[None, :], values).ravel()  # (N·P,)
+        self.index.add_with_ids(keys.reshape(-1, keys.shape[-1]).cpu().numpy(), ids)
+        self.sources.extend(sources)
+
+    def search(self, queries: torch.Tensor, k: int) -> Neighbours:
+        """Find the k nearest entries of each query (B, D); squared-L2 distances."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if queries.ndim != 2 or queries.shape[1] != self.spec.key_dim:
+            raise ValueError(f"queries must be (B, {self.spec.key_dim}), got {tuple(queries.shape)}")
+        query_array = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        distances, ids = self.index.search(query_array, k)  # (B, K) each
+        image, position, token = self.layout.unpack(ids)
+        valid = ids >= 0
+        return Neighbours(
+            distances=torch.from_numpy(np.where(valid, distances, np.inf).astype(np.float32)),
+            tokens=torch.from_numpy(np.where(valid, token, 0)),
+            image_ids=torch.from_numpy(image),
+            positions=torch.from_numpy(position),
+            valid=torch.from_numpy(valid),
+        )
+
+    def manifest(self) -> dict[str, object]:
+        return {
+            "format": "arrag-patch-database",
+            "version": MANIFEST_VERSION,
+            "spec": self.spec.to_dict(),
+            "id_layout": asdict(self.layout),
+            "index": {"description": "IDMap2,Flat", "metric": "squared-l2", "key_dim": self.spec.key_dim},
+            "counts": {
+                "images": self.num_images,
+                "entries": len(self),
+                "entries_per_image": len(self.positions),
+            },
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write index, sources and manifest; the manifest goes last so a half-written save never loads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        _write_json(directory / SOURCES_FILE, self.sources)
+        _write_json(directory / MANIFEST_FILE, self.manifest())
+        logger.info("saved %d entries from %d images to %s", len(self), self.num_images, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, expect: DatabaseSpec | None = None) -> PatchDatabase:
+        """Load a saved database; with ``expect``, refuse one whose tokens mean something else."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        spec = DatabaseSpec.from_dict(manifest["spec"])
+        if expect is not None:
+            spec.check_serves(expect)
+        if IdLayout(**manifest["id_layout"]) != IdLayout.for_spec(spec):
+            raise ValueError(f"{directory}: id layout in the manifest does not match its spec")
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        sources = json.loads((directory / SOURCES_FILE).read_text())
+        database = cls(spec, index, sources)
+        expected = manifest["counts"]["entries"]
+        if len(database) != expected:
+            raise ValueError(f"{directory}: index holds {len(database)} entries, the manifest says {expected}")
+        return database
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Read and check a database manifest."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a patch database (no {MANIFEST_FILE}); build one with arrag db build"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "arrag-patch-database":
+        raise ValueError(f"{path} is not an arrag patch database manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{path} has manifest version {manifest.get('version')}, this arrag reads version {MANIFEST_VERSION}"
+        )
+    return manifest
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

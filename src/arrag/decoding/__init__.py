@@ -1,0 +1,1 @@
+"""Decoding: pure sampling and merge functions, and the one generation loop."""

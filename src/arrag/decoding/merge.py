@@ -1,0 +1,57 @@
+"""DAiD: merging retrieved next tokens into the model's distribution, as pure functions.
+
+``p_ret(v) ∝ exp(−d/τ)`` over the retrieved neighbours whose next token is v, and
+``p = (1 − λ)·p_model + λ·p_ret``. Shapes: B rows, K neighbours, V codebook size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from arrag.config import Duplicates, check_retrieval_parameters
+
+
+def retrieval_distribution(
+    distances: torch.Tensor,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    vocab_size: int,
+    temperature: float,
+    duplicates: Duplicates = "nearest",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The retrieved-token distribution of each row.
+
+    Args:
+        distances: (B, K) squared-L2 distances of the neighbours.
+        tokens: (B, K) the token that followed each neighbour.
+        valid: (B, K) False for padding entries, which carry no weight.
+        vocab_size: V.
+        temperature: τ > 0.
+        duplicates: ``"nearest"`` weighs each distinct token by its nearest occurrence (the paper's code);
+            ``"sum"`` adds the weights of all occurrences (kNN-LM).
+
+    Returns:
+        ((B, V) probabilities, zero rows where nothing was retrieved; (B,) bool, True where something was).
+    """
+    check_retrieval_parameters(0.0, temperature, 1)
+    scores = (-distances.float() / temperature).masked_fill(~valid, float("-inf"))  # (B, K)
+    found = valid.any(dim=-1)  # (B,)
+    # Shift by each row's best score before exponentiating: exact for any τ, never overflows.
+    best = torch.where(found, scores.max(dim=-1).values, 0.0)  # (B,)
+    weights = torch.exp(scores - best[:, None])  # (B, K); 0 where invalid, 1 at the nearest
+    per_token = weights.new_zeros(weights.shape[0], vocab_size)  # (B, V)
+    if duplicates == "sum":
+        per_token = per_token.scatter_add(-1, tokens, weights)
+    elif duplicates == "nearest":
+        per_token = per_token.scatter_reduce(-1, tokens, weights, reduce="amax")
+    else:
+        raise ValueError(f"duplicates must be 'nearest' or 'sum', got {duplicates!r}")
+    total = per_token.sum(dim=-1, keepdim=True)  # (B, 1); >= 1 where found
+    return torch.where(found[:, None], per_token / total.clamp_min(1.0), 0.0), found
+
+
+def mix(p_model: torch.Tensor, p_retrieved: torch.Tensor, found: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 − λ)·p_model + λ·p_retrieved`` on rows where something was retrieved; other rows unchanged."""
+    check_retrieval_parameters(weight, 1.0, 1)
+    mixed = torch.lerp(p_model, p_retrieved, weight)  # (B, V); exactly p_model at λ = 0
+    return torch.where(found[:, None], mixed, p_model)

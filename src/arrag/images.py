@@ -1,0 +1,65 @@
+"""Reading, preprocessing and writing images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image; the message says why."""
+
+
+def find_images(inputs: list[Path]) -> list[Path]:
+    """Files given directly, plus image files found recursively under given folders, sorted per folder."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"{item} does not exist")
+    return found
+
+
+def read_image(path: Path) -> Image.Image:
+    """Decode an image file fully to RGB, or raise :class:`ImageReadError` with the reason."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        raise ImageReadError(f"{type(error).__name__}: {error}") from error
+
+
+def center_crop(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size``, crop the centre square -> (3, size, size) in [-1, 1]."""
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (S, S, 3) in [0, 255]
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0  # (3, S, S)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> PIL image."""
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels)
+
+
+def save_image(image: torch.Tensor, path: Path, metadata: dict) -> None:
+    """Write a PNG with its generation parameters in a text chunk and in a JSON sidecar beside it."""
+    text = json.dumps(metadata, indent=2)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("arrag", text)
+    to_pil(image).save(path, pnginfo=info)
+    path.with_suffix(".json").write_text(text)
