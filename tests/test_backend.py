@@ -1,0 +1,82 @@
+"""The backend contract, run on every backend available without a download."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arrag.backends import Backend, load_backend
+from arrag.backends.builtin import tiny_backend
+from arrag.models.transformer import encode_captions
+from conftest import blob_images
+
+BACKENDS = ["tiny", "tiny-3"]
+
+
+@pytest.fixture(params=BACKENDS, scope="module")
+def any_backend(request) -> Backend:
+    return load_backend(request.param)
+
+
+def test_protocol_and_shapes(any_backend):
+    assert isinstance(any_backend, Backend)
+    session = any_backend.start(["a red 7", "two cats"], guidance_scale=5.0)
+    step = session.step(None)
+    assert step.cond.shape == step.uncond.shape == (2, any_backend.codebook_size)
+    step = session.step(torch.tensor([1, 2]))
+    assert step.cond.shape == (2, any_backend.codebook_size)
+    images = torch.stack([any_backend.preprocess(image) for image in blob_images(3)])
+    assert images.shape == (3, 3, any_backend.image_size, any_backend.image_size)
+    assert images.min() >= -1
+    assert images.max() <= 1
+    tokens = any_backend.encode(images)
+    assert tokens.shape == (3, any_backend.grid.size)
+    latents = any_backend.encode_latents(images)
+    assert latents.shape == (3, any_backend.grid.size, any_backend.cell_dim)
+    decoded = any_backend.decode(tokens)
+    assert decoded.shape == images.shape
+    assert decoded.min() >= 0
+    assert decoded.max() <= 1
+    vectors = any_backend.code_vectors(tokens)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3, any_backend.grid.size))
+
+
+def test_encode_is_the_normalised_argmin(any_backend):
+    """Tokens are the nearest L2-normalised codes of the L2-normalised latents (LlamaGen / Janus)."""
+    images = torch.stack([any_backend.preprocess(image) for image in blob_images(2, seed=3)])
+    latents = F.normalize(any_backend.encode_latents(images), dim=-1)  # (N, T, d)
+    codebook = any_backend.code_vectors(torch.arange(any_backend.codebook_size))  # (V, d)
+    distances = ((latents[..., None, :] - codebook) ** 2).sum(-1)  # (N, T, V)
+    assert torch.equal(any_backend.encode(images), distances.argmin(-1))
+
+
+def test_tiny_backends_are_deterministic_per_seed():
+    assert tiny_backend(0).codebook_fingerprint == tiny_backend(0).codebook_fingerprint
+    assert tiny_backend(0).codebook_fingerprint != tiny_backend(1).codebook_fingerprint
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_backend("gpt-image")
+
+
+def test_cached_decoding_equals_the_full_forward(backend):
+    """Step-by-step logits from the KV cache match one uncached pass over the whole sequence."""
+    tokens = torch.randint(0, backend.codebook_size, (2, backend.grid.size), generator=torch.Generator().manual_seed(0))
+    text = encode_captions(["a red 7", "two cats"], backend.transformer.config.max_text_len)
+    with torch.no_grad():
+        full = backend.transformer(text, tokens[:, :-1])[:, text.shape[1] - 1 :]  # (B, T, V)
+    session = backend.start(["a red 7", "two cats"], guidance_scale=1.0)
+    stepped = [session.step(None).cond] + [session.step(tokens[:, t]).cond for t in range(backend.grid.size - 1)]
+    torch.testing.assert_close(torch.stack(stepped, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_rows_do_not_change_the_conditional_logits(backend):
+    guided = backend.start(["a blue 3"], guidance_scale=5.0)
+    plain = backend.start(["a blue 3"], guidance_scale=1.0)
+    for token in [None, torch.tensor([4]), torch.tensor([9])]:
+        a, b = guided.step(token), plain.step(token)
+        torch.testing.assert_close(a.cond, b.cond, rtol=1e-5, atol=1e-6)
+        assert b.uncond is None
+        assert not torch.allclose(a.uncond, a.cond)
+
+
+def test_overlong_captions_are_refused_with_the_limit(backend):
+    with pytest.raises(ValueError, match="at most 48"):
+        backend.start(["x" * 49], guidance_scale=1.0)

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
+from arrag.decoding.loop import generate
+
+PROMPTS = ["a red 7", "two blue cats", "a 3 left of a 5", "green"]
+
+
+def daid(weight: float, **retrieval) -> GenerationConfig:
+    return GenerationConfig(method="daid", retrieval=RetrievalConfig(weight=weight, **retrieval))
+
+
+def test_lambda_zero_gives_byte_identical_images(backend, database):
+    plain = generate(backend, PROMPTS[:2], GenerationConfig(num_images_per_prompt=2, seed=7))
+    config = GenerationConfig(
+        method="daid", retrieval=RetrievalConfig(weight=0.0, k=16), num_images_per_prompt=2, seed=7
+    )
+    mixed = generate(backend, PROMPTS[:2], config, database)
+    assert torch.equal(plain.tokens, mixed.tokens)
+    assert torch.equal(plain.images, mixed.images)
+    assert (mixed.records.image_ids[:, database.positions] >= 0).all()  # retrieval ran and was recorded
+
+
+def reference_entries(backend) -> tuple[np.ndarray, np.ndarray]:
+    """All (key, next token) pairs of the fixture database, rebuilt with numpy loops from its images."""
+    from conftest import blob_images
+
+    pixels = torch.stack([backend.preprocess(image) for image in blob_images(32, seed=1)])
+    grids = backend.encode(pixels).numpy()  # the same images the `database` fixture was built from
+    codebook = backend.code_vectors(torch.arange(backend.codebook_size)).numpy()
+    grid, keys, values = backend.grid, [], []
+    for tokens in grids:
+        for r in range(1, grid.rows):
+            for c in range(1, grid.cols - 1):
+                cells = [(r - 1, c - 1), (r - 1, c), (r - 1, c + 1), (r, c - 1)]
+                keys.append(np.concatenate([codebook[tokens[grid.index(a, b)]] for a, b in cells]))
+                values.append(tokens[grid.index(r, c)])
+    return np.stack(keys), np.array(values)
+
+
+def nearest_tokens(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> set[int]:
+    """Next tokens of every entry at the minimum distance (exact duplicates of a key may tie)."""
+    distances = ((keys - query) ** 2).sum(-1)
+    return set(values[distances <= distances.min() + 1e-4].tolist())
+
+
+def test_lambda_one_copies_the_brute_force_nearest_neighbour(backend, database):
+    out = generate(backend, PROMPTS, daid(1.0, k=1, temperature=1e-6), database)
+    keys, values = reference_entries(backend)
+    assert len(keys) == len(database)
+    codebook = backend.code_vectors(torch.arange(backend.codebook_size)).numpy()
+    grid, eligible = backend.grid, set(database.positions.tolist())
+    for row in range(len(PROMPTS)):
+        for t in range(grid.size):
+            if t in eligible:
+                r, c = grid.cell(t)
+                cells = [(r - 1, c - 1), (r - 1, c), (r - 1, c + 1), (r, c - 1)]
+                query = np.concatenate([codebook[out.tokens[row, grid.index(a, b)]] for a, b in cells])
+                assert out.tokens[row, t].item() in nearest_tokens(keys, values, query)
+                assert out.records.retrieval_share[row, t] == pytest.approx(1.0)
+            else:
+                assert out.records.image_ids[row, t] == -1
+    assert len({tuple(r) for r in out.tokens.tolist()}) == len(PROMPTS)  # each row followed its own queries
+
+
+@pytest.mark.parametrize("method", ["none", "daid"])
+def test_a_batch_equals_single_runs_with_the_same_seeds(backend, database, method):
+    config = GenerationConfig(
+        method=method, retrieval=RetrievalConfig(weight=0.5, k=32), num_images_per_prompt=2, seed=11
+    )
+    batch = generate(backend, PROMPTS, config, database)
+    assert batch.seeds == list(range(11, 19))
+    single = GenerationConfig(method=method, retrieval=config.retrieval)
+    for row, (prompt, seed) in enumerate(zip(batch.prompts, batch.seeds, strict=True)):
+        alone = generate(backend, [prompt], single, database, seeds=[seed])
+        assert torch.equal(alone.tokens[0], batch.tokens[row]), row
+
+
+def test_greedy_filtering_takes_the_argmax(backend):
+    greedy = GenerationConfig(sampling=SamplingConfig(top_k=1, guidance_scale=1.0))
+    a = generate(backend, ["a red 7"], greedy, seeds=[0])
+    b = generate(backend, ["a red 7"], greedy, seeds=[123])
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_filter_order_is_respected(backend, database):
+    """top-k = 1 before the merge leaves retrieval a say; after the merge it cannot add tokens."""
+
+    def run(order):
+        sampling = SamplingConfig(top_k=1, filter_order=order)
+        config = GenerationConfig(method="daid", sampling=sampling, retrieval=RetrievalConfig(weight=0.9, k=8))
+        return generate(backend, ["a red 7"], config, database, seeds=[0]).tokens
+
+    greedy_model = generate(backend, ["a red 7"], GenerationConfig(sampling=SamplingConfig(top_k=1)), seeds=[0]).tokens
+    assert not torch.equal(run("before_merge"), run("after_merge"))
+    assert not torch.equal(run("before_merge"), greedy_model)
+
+
+def test_bad_requests_are_refused(backend, database):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(backend, ["a red 7", "  "], GenerationConfig())
+    with pytest.raises(ValueError, match="needs a patch database"):
+        generate(backend, ["a red 7"], daid(0.5))
+    with pytest.raises(ValueError, match="seeds"):
+        generate(backend, ["a red 7"], GenerationConfig(), seeds=[1, 2])
