@@ -43,6 +43,16 @@ def spec_for(backend: Backend, neighbourhood: Neighbourhood, key_source: KeySour
     )
 
 
+def add_images(database: PatchDatabase, backend: Backend, images: torch.Tensor, names: list[str]) -> None:
+    """Tokenize (N, 3, H, W) images in [-1, 1] and add their patches to the database."""
+    tokens = backend.encode(images)  # (N, R·C)
+    if database.spec.key_source == "codebook":
+        vectors = backend.code_vectors(tokens)  # (N, R·C, d)
+    else:
+        vectors = backend.encode_latents(images)
+    database.add(tokens.cpu(), vectors.float().cpu(), names)
+
+
 def _batches(
     paths: list[Path], backend: Backend, size: int, report: BuildReport
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
@@ -83,9 +93,7 @@ def build_database(
     report = BuildReport()
     with tqdm(total=len(paths), desc="tokenizing", unit="img") as progress:
         for images, names in _batches(paths, backend, batch_size, report):
-            tokens = backend.encode(images)  # (N, R·C)
-            vectors = backend.code_vectors(tokens) if key_source == "codebook" else backend.encode_latents(images)
-            database.add(tokens.cpu(), vectors.float().cpu(), names)
+            add_images(database, backend, images, names)
             progress.update(database.num_images + len(report.skipped) - progress.n)
         progress.update(len(paths) - progress.n)
     if database.num_images == 0:

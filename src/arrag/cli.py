@@ -96,6 +96,64 @@ def _db_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from arrag.world import train
+
+    command = " ".join(["arrag", *sys.argv[1:]])
+    if args.what == "generator":
+        if args.tokenizer is None:
+            raise ValueError("arrag train generator needs --tokenizer DIR (a trained tokenizer's folder)")
+        train.train_generator(args.out, args.tokenizer, steps=args.steps, seed=args.seed, command=command)
+    else:
+        recipe = {"classifier": train.train_classifier, "tokenizer": train.train_tokenizer}[args.what]
+        recipe(args.out, steps=args.steps, seed=args.seed, command=command)
+    print(f"weights and config written to {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from arrag.config import RetrievalConfig
+    from arrag.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        out=args.out,
+        prompts=args.prompts,
+        images_per_prompt=args.num_images,
+        seed=args.seed,
+        retrieval=RetrievalConfig(weight=args.lam, temperature=args.tau, k=args.k),
+        **({"cache": args.cache} if args.cache else {}),
+    )
+    summary = run_demo(config)
+    print(f"grid:    {config.out / 'grid.png'}   (left: model alone, right: with DAiD; same seeds)")
+    print(f"summary: {config.out / 'summary.json'}")
+    for method, score in summary["fraction_correct"].items():
+        print(f"  {method:5s} judged correct by the world's checker: {score:.0%}")
+    seconds = summary["seconds"]
+    print(
+        f"database: {summary['database_entries']} entries ({seconds['database']:.0f} s); total {seconds['total']:.0f} s"
+    )
+    return 0
+
+
+def _world_report(args: argparse.Namespace) -> int:
+    from arrag.backends import load_backend
+    from arrag.world import report
+
+    checker = report.load_checker()
+    results: dict[str, object] = {}
+    if args.part in ("checker", "all"):
+        results["checker"] = report.checker_report(checker)
+    if args.part in ("tokenizer", "all"):
+        results["tokenizer"] = report.tokenizer_report(load_backend(args.backend), checker)
+    if args.part in ("generator", "all"):
+        results["generator"] = report.generator_report(load_backend(args.backend), checker, prompts=args.prompts)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrag", description="Autoregressive retrieval augmentation (AR-RAG)")
     parser.add_argument("--version", action="version", version=f"arrag {__version__}")
@@ -148,6 +206,32 @@ def build_parser() -> argparse.ArgumentParser:
     info = db.add_parser("info", help="print a database's manifest and size")
     info.add_argument("directory", type=Path)
     info.set_defaults(handler=_db_info)
+    demo = sub.add_parser("demo", help="the built-in model with and without DAiD, judged by the world's checker")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--cache", type=Path, help="where the world's patch database is cached")
+    demo.add_argument("--prompts", type=int, default=6)
+    demo.add_argument("--num-images", type=int, default=2, help="images per prompt")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--lambda", dest="lam", type=float, default=0.3)
+    demo.add_argument("--tau", type=float, default=1.0)
+    demo.add_argument("--k", type=int, default=2048)
+    demo.set_defaults(handler=_demo)
+
+    world = sub.add_parser("world", help="the built-in world").add_subparsers(dest="world_command", required=True)
+    world_report = world.add_parser("report", help="measure the checker, tokenizer and generator on held-out data")
+    world_report.add_argument("--part", choices=["checker", "tokenizer", "generator", "all"], default="all")
+    world_report.add_argument("--backend", default="builtin")
+    world_report.add_argument("--prompts", type=int, default=360, help="held-out prompts for the generator")
+    world_report.add_argument("--out", type=Path, help="also write the JSON here")
+    world_report.set_defaults(handler=_world_report)
+
+    trainer = sub.add_parser("train", help="train the built-in world's models (resumes from --out)")
+    trainer.add_argument("what", choices=["classifier", "tokenizer", "generator"])
+    trainer.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, weights, config")
+    trainer.add_argument("--steps", type=int, required=True)
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument("--tokenizer", type=Path, help="trained tokenizer folder (for the generator)")
+    trainer.set_defaults(handler=_train)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -12,10 +13,18 @@ __all__ = ["Backend", "Session", "StepLogits", "load_backend"]
 
 
 def load_backend(name: str, device: str | torch.device = "cpu") -> Backend:
-    """A backend by name: ``tiny`` or ``tiny-SEED`` (a small random model for tests and quick checks)."""
+    """A backend by name.
+
+    ``builtin`` is the shipped model of the built-in world; ``builtin:DIR`` one trained into DIR
+    (``DIR/tokenizer``, ``DIR/generator``); ``tiny`` / ``tiny-SEED`` a small random model for tests.
+    """
+    from arrag.backends import builtin
+
     match = re.fullmatch(r"tiny(?:-(\d+))?", name)
     if match:
-        from arrag.backends.builtin import tiny_backend
-
-        return tiny_backend(int(match.group(1) or 0), device)
-    raise ValueError(f"unknown backend {name!r}; available: tiny, tiny-SEED")
+        return builtin.tiny_backend(int(match.group(1) or 0), device)
+    if name == "builtin":
+        return builtin.builtin_backend(device=device)
+    if name.startswith("builtin:"):
+        return builtin.builtin_backend(Path(name.removeprefix("builtin:")), device)
+    raise ValueError(f"unknown backend {name!r}; available: builtin, builtin:DIR, tiny, tiny-SEED")

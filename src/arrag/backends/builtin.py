@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from arrag.backends.base import StepLogits
 from arrag.grid import Grid
@@ -19,6 +22,7 @@ from arrag.models.transformer import (
     unconditional_captions,
 )
 from arrag.models.vq import VQConfig, VQModel
+from arrag.training import CONFIG_FILE, WEIGHTS_FILE
 
 
 class BuiltinSession:
@@ -94,6 +98,37 @@ class BuiltinBackend:
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return ((self.vq.decode_codes(tokens.to(self.device)) + 1) / 2).clamp(0, 1)  # (N, 3, H, W)
+
+
+def load_vq(directory: Path) -> VQModel:
+    """A trained VQ tokenizer from its folder (model.safetensors + config.json with a "vq" entry)."""
+    config = json.loads((directory / CONFIG_FILE).read_text())["vq"]
+    model = VQModel(VQConfig(**{**config, "channels": tuple(config["channels"])}))
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return model.eval()
+
+
+def load_transformer(directory: Path) -> ImageTransformer:
+    """A trained generator from its folder (model.safetensors + config.json with a "transformer" entry)."""
+    model = ImageTransformer(TransformerConfig(**json.loads((directory / CONFIG_FILE).read_text())["transformer"]))
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return model.eval()
+
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "builtin"
+
+
+def builtin_backend(directory: Path = BUILTIN_DIR, device: str | torch.device = "cpu") -> BuiltinBackend:
+    """The trained built-in model: ``directory`` holds ``tokenizer/`` and ``generator/`` weight folders."""
+    for part in ("tokenizer", "generator"):
+        if not (directory / part / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{directory / part} has no {WEIGHTS_FILE}; train it with arrag train {part} --out {directory / part}"
+            )
+    name = "builtin" if directory == BUILTIN_DIR else f"builtin:{directory}"
+    return BuiltinBackend(
+        name, load_transformer(directory / "generator"), load_vq(directory / "tokenizer"), torch.device(device)
+    )
 
 
 TINY_VQ = VQConfig(codebook_size=64, code_dim=8, channels=(16, 32, 32), image_size=32)

@@ -88,7 +88,8 @@ class VQModel(nn.Module):
 
     def quantize(self, latents: torch.Tensor) -> torch.Tensor:
         """(..., d) normalised latents -> (...) ids of the nearest normalised codes."""
-        similarity = latents @ self.normalised_codebook().T  # (..., V)
+        with torch.autocast(latents.device.type, enabled=False):  # a bf16 argmax would pick wrong codes
+            similarity = latents.float() @ self.normalised_codebook().float().T  # (..., V)
         return similarity.argmax(dim=-1)
 
     def decode_codes(self, ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""The built-in world's patch database: scenes composed from the database pool's glyphs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from arrag.backends.base import Backend
+from arrag.build import add_images, spec_for
+from arrag.database import MANIFEST_FILE, DatabaseSpec, PatchDatabase
+from arrag.grid import Neighbourhood
+from arrag.world.digits import load_pool
+from arrag.world.prompts import sample_prompts
+from arrag.world.scenes import render_scenes, to_backend_input
+
+logger = logging.getLogger(__name__)
+
+DATABASE_SEED = 1
+
+
+def world_database(
+    backend: Backend, directory: Path, scenes: int = 2000, neighbourhood: Neighbourhood | None = None
+) -> PatchDatabase:
+    """Load the world database from ``directory``, or build and save it there first.
+
+    A cached database made for another backend, neighbourhood or size is rebuilt, never reused.
+    """
+    spec = spec_for(backend, neighbourhood or Neighbourhood(), "codebook")
+    if (directory / MANIFEST_FILE).exists():
+        try:
+            database = PatchDatabase.load(directory, expect=spec)
+            if database.spec == spec and database.num_images == scenes:
+                return database
+        except ValueError as error:
+            logger.warning("rebuilding the cached world database: %s", error)
+    database = build_world_database(backend, spec, scenes)
+    database.save(directory)
+    return database
+
+
+def build_world_database(backend: Backend, spec: DatabaseSpec, scenes: int, batch_size: int = 100) -> PatchDatabase:
+    """Render ``scenes`` captioned scenes from the database pool and add their patches."""
+    glyphs = load_pool("database")
+    database = PatchDatabase(spec)
+    for start in tqdm(range(0, scenes, batch_size), desc="world database", unit="batch"):
+        rng = np.random.default_rng([DATABASE_SEED, start])
+        prompts = sample_prompts(min(batch_size, scenes - start), int(rng.integers(2**32)))
+        pixels = to_backend_input(render_scenes(prompts, glyphs, rng), backend.preprocess)  # (N, 3, H, W)
+        names = [f"world-database-scene-{start + i}: {p.text}" for i, p in enumerate(prompts)]
+        add_images(database, backend, pixels, names)
+    return database

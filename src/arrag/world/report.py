@@ -1,0 +1,125 @@
+"""Measurements of the built-in world's parts: checker, tokenizer and generator (no retrieval).
+
+Every number is computed on held-out data: eval-pool glyphs and scenes, prompts drawn with their own seed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arrag.backends.base import Backend
+from arrag.config import GenerationConfig, SamplingConfig
+from arrag.decoding.loop import generate
+from arrag.world.checker import WorldChecker
+from arrag.world.digits import load_pool
+from arrag.world.prompts import CATEGORIES, Prompt, sample_prompts
+from arrag.world.scenes import render_scenes, to_backend_input, to_uint8
+from arrag.world.train import classifier_accuracy
+
+EVAL_SEED = 7  # held-out prompts and scenes; training and the database use other seeds and pools
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
+CLASSIFIER_WEIGHTS = ASSETS / "classifier.safetensors"
+
+
+def load_checker(path: Path = CLASSIFIER_WEIGHTS) -> WorldChecker:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; train it with arrag train classifier --out DIR")
+    return WorldChecker.load(path)
+
+
+def eval_scenes(count: int, seed: int = EVAL_SEED) -> tuple[list[Prompt], np.ndarray]:
+    """Held-out prompts (categories in turn) and ground-truth scenes from eval-pool glyphs."""
+    prompts = sample_prompts(count, seed)
+    return prompts, render_scenes(prompts, load_pool("eval"), np.random.default_rng([seed, 1]))
+
+
+def per_category(prompts: list[Prompt], correct: list[bool]) -> dict[str, float]:
+    """Fraction correct per category, and ``overall`` = the mean over categories (GenEval's)."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for prompt, ok in zip(prompts, correct, strict=True):
+        groups[prompt.category].append(ok)
+    scores = {c: float(np.mean(groups[c])) for c in CATEGORIES if groups[c]}
+    scores["overall"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def checker_report(checker: WorldChecker, scenes: int = 600) -> dict[str, object]:
+    """Classifier accuracy on eval-pool glyphs; the share of ground-truth eval scenes judged correct."""
+    prompts, images = eval_scenes(scenes)
+    verdicts = [checker.judge(p, image) for p, image in zip(prompts, images, strict=True)]
+    return {
+        "classifier_eval_pool_accuracy": classifier_accuracy(checker.classifier),
+        "ground_truth_scenes_judged_correct": per_category(prompts, verdicts),
+        "scenes": scenes,
+    }
+
+
+@torch.no_grad()
+def tokenizer_report(backend: Backend, checker: WorldChecker, scenes: int = 600) -> dict[str, object]:
+    """Reconstruction PSNR, codebook usage, and checker agreement on encode→decode of held-out scenes."""
+    prompts, images = eval_scenes(scenes)
+    pixels = to_backend_input(images, backend.preprocess)  # (N, 3, H, W)
+    tokens = torch.cat([backend.encode(pixels[i : i + 100]) for i in range(0, scenes, 100)])
+    recon = to_uint8(torch.cat([backend.decode(tokens[i : i + 100]) for i in range(0, scenes, 100)]))
+    mse = ((recon.astype(np.float64) - images.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    psnr = 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+    counts = torch.bincount(tokens.flatten(), minlength=backend.codebook_size).double()
+    probs = counts[counts > 0] / counts.sum()
+    agree = [
+        checker.judge(p, original) == checker.judge(p, rebuilt)
+        for p, original, rebuilt in zip(prompts, images, recon, strict=True)
+    ]
+    return {
+        "psnr_db_mean": float(psnr.mean()),
+        "codes_used": int((counts > 0).sum()),
+        "codebook_size": backend.codebook_size,
+        "code_perplexity": float(torch.exp(-(probs * probs.log()).sum())),
+        "checker_verdict_agreement": float(np.mean(agree)),
+        "scenes": scenes,
+    }
+
+
+def judge_generated(
+    backend: Backend,
+    checker: WorldChecker,
+    prompts: list[Prompt],
+    config: GenerationConfig,
+    database=None,
+    batch_prompts: int = 30,
+) -> list[bool]:
+    """The checker's verdict on every generated image (prompt-major order, as generate returns them)."""
+    verdicts: list[bool] = []
+    n = config.num_images_per_prompt
+    for start in range(0, len(prompts), batch_prompts):
+        part = prompts[start : start + batch_prompts]
+        seeds = [config.seed + (start + i) * n + j for i in range(len(part)) for j in range(n)]
+        out = generate(backend, [p.text for p in part], config, database, seeds=seeds)
+        images = to_uint8(out.images)
+        verdicts += [checker.judge(part[row // n], image) for row, image in enumerate(images)]
+    return verdicts
+
+
+def generator_report(
+    backend: Backend,
+    checker: WorldChecker,
+    prompts: int = 360,
+    images_per_prompt: int = 4,
+    guidance_scale: float = 5.0,
+) -> dict[str, object]:
+    """Per-category accuracy of the generator alone (no retrieval) on held-out prompts."""
+    held_out = sample_prompts(prompts, EVAL_SEED + 1)
+    config = GenerationConfig(
+        sampling=SamplingConfig(guidance_scale=guidance_scale), num_images_per_prompt=images_per_prompt
+    )
+    verdicts = judge_generated(backend, checker, held_out, config)
+    expanded = [p for p in held_out for _ in range(images_per_prompt)]
+    return {
+        "accuracy": per_category(expanded, verdicts),
+        "prompts": prompts,
+        "images_per_prompt": images_per_prompt,
+        "guidance_scale": guidance_scale,
+    }
