@@ -12,11 +12,12 @@ from arrag.backends.base import Backend, Session, StepLogits
 __all__ = ["Backend", "Session", "StepLogits", "load_backend"]
 
 
-def load_backend(name: str, device: str | torch.device = "cpu") -> Backend:
+def load_backend(name: str, device: str | torch.device = "cpu", dtype: str = "float32") -> Backend:
     """A backend by name.
 
     ``builtin`` is the shipped model of the built-in world; ``builtin:DIR`` one trained into DIR
-    (``DIR/tokenizer``, ``DIR/generator``); ``tiny`` / ``tiny-SEED`` a small random model for tests.
+    (``DIR/tokenizer``, ``DIR/generator``); ``tiny`` / ``tiny-SEED`` a small random model for tests; anything
+    else is a Janus / Janus-Pro checkpoint: a hub id (``deepseek-community/Janus-Pro-1B``) or a local folder.
     """
     from arrag.backends import builtin
 
@@ -27,4 +28,10 @@ def load_backend(name: str, device: str | torch.device = "cpu") -> Backend:
         return builtin.builtin_backend(device=device)
     if name.startswith("builtin:"):
         return builtin.builtin_backend(Path(name.removeprefix("builtin:")), device)
-    raise ValueError(f"unknown backend {name!r}; available: builtin, builtin:DIR, tiny, tiny-SEED")
+    if "/" in name or Path(name).exists():
+        from arrag.backends.janus import load_janus
+
+        return load_janus(name, str(device), dtype)
+    raise ValueError(
+        f"unknown backend {name!r}; available: builtin, builtin:DIR, tiny, tiny-SEED, or a Janus-Pro hub id or folder"
+    )
