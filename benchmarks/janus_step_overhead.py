@@ -22,11 +22,10 @@ import torch
 from transformers import JanusConfig, JanusForConditionalGeneration
 
 from arrag.backends.janus import DTYPES, JanusBackend
-from arrag.build import spec_for
 from arrag.config import GenerationConfig, RetrievalConfig
-from arrag.database import PatchDatabase
+from arrag.database import DatabaseSpec, PatchDatabase
 from arrag.decoding.loop import generate
-from arrag.grid import Grid, Neighbourhood
+from arrag.grid import Grid
 
 
 def janus_pro_1b_shaped() -> JanusConfig:
@@ -75,7 +74,7 @@ class PromptProcessor:
 
 
 def zipf_database(backend: JanusBackend, entries: int, seed: int = 0) -> PatchDatabase:
-    database = PatchDatabase(spec_for(backend, Neighbourhood(), "codebook"))
+    database = PatchDatabase(DatabaseSpec.for_backend(backend))
     per_image = len(database.positions)
     rng = np.random.default_rng(seed)
     ranks = rng.permutation(backend.codebook_size)
@@ -115,6 +114,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: library default)")
+    parser.add_argument("--faiss-gpu", action="store_true", help="search a copy of the index on GPU 0")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +128,9 @@ def main() -> None:
     backend = FirstRows(model, PromptProcessor(), "janus-pro-1b-shaped-random", args.rows)
     build_start = time.perf_counter()
     database = zipf_database(backend, args.entries)
+    if args.faiss_gpu:
+        gpu_resources = faiss.StandardGpuResources()  # must outlive the index that uses it
+        database.index = faiss.index_cpu_to_gpu(gpu_resources, 0, database.index)
     build_seconds = time.perf_counter() - build_start
 
     base = GenerationConfig()

@@ -7,12 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from PIL import Image
 
 from arrag.backends.builtin import BuiltinBackend, tiny_backend
-from arrag.build import spec_for
-from arrag.database import PatchDatabase
+from arrag.database import DatabaseSpec, PatchDatabase
 from arrag.grid import Neighbourhood
+
+# Timing is not behaviour: a loaded CI machine must not fail a property test.
+settings.register_profile("arrag", deadline=None)
+settings.load_profile("arrag")
 
 
 def blob_images(count: int, size: int = 40, seed: int = 0) -> list[Image.Image]:
@@ -47,7 +51,7 @@ def database_from_images(backend: BuiltinBackend, images: list[Image.Image], nei
     """A database built in memory, plus the token grids it was built from."""
     pixels = torch.stack([backend.preprocess(image) for image in images])  # (N, 3, H, W)
     tokens = backend.encode(pixels)  # (N, R·C)
-    database = PatchDatabase(spec_for(backend, neighbourhood, "codebook"))
+    database = PatchDatabase(DatabaseSpec.for_backend(backend, neighbourhood))
     database.add(tokens, backend.code_vectors(tokens), [f"image{i}" for i in range(len(images))])
     return database, tokens
 

@@ -7,10 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from arrag.backends.builtin import tiny_backend
-from arrag.build import spec_for
 from arrag.database import DatabaseMismatchError, DatabaseSpec, IdLayout, PatchDatabase
-from arrag.decoding.loop import backend_spec
-from arrag.grid import Grid, Neighbourhood
+from arrag.grid import Grid
 
 SPEC = DatabaseSpec(backend="synthetic", grid=Grid(6, 7), codebook_size=100, codebook_fingerprint="x", cell_dim=4)
 
@@ -90,10 +88,10 @@ def test_save_load_round_trip_gives_identical_results(tmp_path):
 
 def test_a_database_from_another_tokenizer_or_grid_is_refused(tmp_path):
     ours, theirs = tiny_backend(seed=0), tiny_backend(seed=1)
-    database = PatchDatabase(spec_for(ours, Neighbourhood(), "codebook"))
+    database = PatchDatabase(DatabaseSpec.for_backend(ours))
     database.save(tmp_path / "db")
     with pytest.raises(DatabaseMismatchError) as refused:
-        PatchDatabase.load(tmp_path / "db", expect=backend_spec(theirs, database))
+        PatchDatabase.load(tmp_path / "db", expect=DatabaseSpec.for_backend(theirs))
     assert ours.codebook_fingerprint in str(refused.value)
     assert theirs.codebook_fingerprint in str(refused.value)
     other_grid = DatabaseSpec(**{**vars(database.spec), "grid": Grid(4, 4)})

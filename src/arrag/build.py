@@ -31,18 +31,6 @@ class BuildReport:
     seconds: float = 0.0
 
 
-def spec_for(backend: Backend, neighbourhood: Neighbourhood, key_source: KeySource) -> DatabaseSpec:
-    return DatabaseSpec(
-        backend=backend.name,
-        grid=backend.grid,
-        codebook_size=backend.codebook_size,
-        codebook_fingerprint=backend.codebook_fingerprint,
-        cell_dim=backend.cell_dim,
-        neighbourhood=neighbourhood,
-        key_source=key_source,
-    )
-
-
 def add_images(database: PatchDatabase, backend: Backend, images: torch.Tensor, names: list[str]) -> None:
     """Tokenize (N, 3, H, W) images in [-1, 1] and add their patches to the database."""
     tokens = backend.encode(images)  # (N, R·C)
@@ -89,7 +77,7 @@ def build_database(
     paths = find_images(inputs)
     if not paths:
         raise ValueError(f"no image files found in {', '.join(map(str, inputs))}")
-    database = PatchDatabase(spec_for(backend, neighbourhood or Neighbourhood(), key_source))
+    database = PatchDatabase(DatabaseSpec.for_backend(backend, neighbourhood, key_source))
     report = BuildReport()
     with tqdm(total=len(paths), desc="tokenizing", unit="img") as progress:
         for images, names in _batches(paths, backend, batch_size, report):

@@ -16,7 +16,7 @@ def _generate(args: argparse.Namespace) -> int:
     from arrag.backends import load_backend
     from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
     from arrag.database import PatchDatabase, read_manifest
-    from arrag.decoding.loop import backend_spec, generate
+    from arrag.decoding.loop import generate
     from arrag.images import save_image
 
     method = args.method or ("daid" if args.db else "none")
@@ -38,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
     database = None
     if args.db and method == "daid":
         database = PatchDatabase.load(args.db)
-        database.spec.check_serves(backend_spec(backend, database))
+        database.check_backend(backend)
     output = generate(backend, args.prompts, config, database)
     args.out.mkdir(parents=True, exist_ok=True)
     n = config.num_images_per_prompt

@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -57,6 +58,21 @@ class DatabaseSpec:
     @property
     def key_dim(self) -> int:
         return key_dim(self.neighbourhood, self.cell_dim)
+
+    @classmethod
+    def for_backend(
+        cls, backend: Any, neighbourhood: Neighbourhood | None = None, key_source: KeySource = "codebook"
+    ) -> DatabaseSpec:
+        """The spec of a database made with ``backend``'s tokenizer (any :class:`arrag.backends.Backend`)."""
+        return cls(
+            backend=backend.name,
+            grid=backend.grid,
+            codebook_size=backend.codebook_size,
+            codebook_fingerprint=backend.codebook_fingerprint,
+            cell_dim=backend.cell_dim,
+            neighbourhood=neighbourhood or Neighbourhood(),
+            key_source=key_source,
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -191,6 +207,10 @@ class PatchDatabase:
         ids = self.layout.pack(image_ids, positions[None, :], values).ravel()  # (N·P,)
         self.index.add_with_ids(keys.reshape(-1, keys.shape[-1]).cpu().numpy(), ids)
         self.sources.extend(sources)
+
+    def check_backend(self, backend: Any) -> None:
+        """Raise :class:`DatabaseMismatchError` unless this database's tokens are ``backend``'s tokens."""
+        self.spec.check_serves(DatabaseSpec.for_backend(backend, self.spec.neighbourhood, self.spec.key_source))
 
     def search(self, queries: torch.Tensor, k: int) -> Neighbours:
         """Find the k nearest entries of each query (B, D); squared-L2 distances."""

@@ -14,7 +14,7 @@ import torch
 
 from arrag.backends.base import Backend
 from arrag.config import GenerationConfig, RetrievalConfig
-from arrag.database import DatabaseSpec, Neighbours, PatchDatabase
+from arrag.database import Neighbours, PatchDatabase
 from arrag.decoding.merge import mix, retrieval_distribution
 from arrag.decoding.sampling import apply_guidance, filter_probabilities, sample, to_probabilities
 from arrag.keys import patch_keys
@@ -47,24 +47,11 @@ class GenerationOutput:
     records: RetrievalRecords
 
 
-def backend_spec(backend: Backend, database: PatchDatabase) -> DatabaseSpec:
-    """The spec a database must match to serve ``backend`` (neighbourhood and key source from the database)."""
-    return DatabaseSpec(
-        backend=backend.name,
-        grid=backend.grid,
-        codebook_size=backend.codebook_size,
-        codebook_fingerprint=backend.codebook_fingerprint,
-        cell_dim=backend.cell_dim,
-        neighbourhood=database.spec.neighbourhood,
-        key_source=database.spec.key_source,
-    )
-
-
 class PatchRetriever:
     """Makes each row's query from its own generated tokens and searches the database."""
 
     def __init__(self, backend: Backend, database: PatchDatabase, config: RetrievalConfig, rows: int):
-        database.spec.check_serves(backend_spec(backend, database))
+        database.check_backend(backend)
         self.backend, self.database, self.config = backend, database, config
         self.eligible = set(database.positions.tolist())
         # Queries always use codebook vectors: generated tokens have no encoder latents.

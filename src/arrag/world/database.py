@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from arrag.backends.base import Backend
-from arrag.build import add_images, spec_for
+from arrag.build import add_images
 from arrag.database import MANIFEST_FILE, DatabaseSpec, PatchDatabase
 from arrag.grid import Neighbourhood
 from arrag.world.digits import load_pool
@@ -28,7 +28,7 @@ def world_database(
 
     A cached database made for another backend, neighbourhood or size is rebuilt, never reused.
     """
-    spec = spec_for(backend, neighbourhood or Neighbourhood(), "codebook")
+    spec = DatabaseSpec.for_backend(backend, neighbourhood)
     if (directory / MANIFEST_FILE).exists():
         try:
             database = PatchDatabase.load(directory, expect=spec)
