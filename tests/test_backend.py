@@ -9,7 +9,7 @@ from arrag.backends.builtin import tiny_backend
 from arrag.models.transformer import encode_captions
 from conftest import blob_images
 
-BACKENDS = ["tiny", "tiny-3"]
+BACKENDS = ["tiny", "tiny-3", "builtin"]
 
 
 @pytest.fixture(params=BACKENDS, scope="module")

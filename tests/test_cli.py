@@ -23,7 +23,7 @@ def messy_folder(image_folder, tmp_path):
 
 
 def test_db_build_skips_bad_files_and_reports_them(messy_folder, tmp_path, capsys):
-    assert main(["db", "build", str(messy_folder), "--out", str(tmp_path / "db")]) == 0
+    assert main(["db", "build", str(messy_folder), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 0
     report = json.loads((tmp_path / "db" / "build-report.json").read_text())
     assert report["images_added"] == 25  # 24 nested + photo.jpg; notes.txt is not looked at
     assert sorted(s["path"].rsplit("/", 1)[1] for s in report["skipped"]) == ["corrupt.png", "truncated.jpg"]
@@ -34,7 +34,7 @@ def test_db_build_skips_bad_files_and_reports_them(messy_folder, tmp_path, capsy
 
 def test_generate_writes_pngs_with_every_parameter(image_folder, tmp_path):
     db = tmp_path / "db"
-    assert main(["db", "build", str(image_folder), "--out", str(db)]) == 0
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
     out = tmp_path / "out"
     argv = [
         "generate",
@@ -72,9 +72,9 @@ def test_generate_writes_pngs_with_every_parameter(image_folder, tmp_path):
 
 def test_an_existing_database_is_never_overwritten_by_accident(image_folder, tmp_path, capsys):
     db = tmp_path / "db"
-    assert main(["db", "build", str(image_folder), "--out", str(db)]) == 0
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
     before = (db / "index.faiss").read_bytes()
-    assert main(["db", "build", str(image_folder / "blob00.png"), "--out", str(db)]) == 2
+    assert main(["db", "build", str(image_folder / "blob00.png"), "--out", str(db), "--backend", "tiny"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (db / "index.faiss").read_bytes() == before
 
@@ -82,7 +82,7 @@ def test_an_existing_database_is_never_overwritten_by_accident(image_folder, tmp
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["generate", ""], "prompt is empty"),
+        (["generate", "", "--backend", "tiny"], "prompt is empty"),
         (["generate", "a cat", "--lambda", "1.5"], "λ must be in [0, 1]"),
         (["generate", "a cat", "--tau", "0"], "τ must be"),
         (["generate", "a cat", "--k", "0"], "k must be an integer >= 1"),
@@ -108,8 +108,8 @@ def test_a_database_of_another_tokenizer_is_refused(image_folder, tmp_path, caps
 def test_a_folder_without_images_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.png").write_bytes(b"junk")
-    assert main(["db", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "db")]) == 2
-    assert main(["db", "build", str(tmp_path / "bad.png"), "--out", str(tmp_path / "db")]) == 2
+    assert main(["db", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 2
+    assert main(["db", "build", str(tmp_path / "bad.png"), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 2
     assert "could be read" in capsys.readouterr().err
     assert not (tmp_path / "db" / "manifest.json").exists()
 

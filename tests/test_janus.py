@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import faiss
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,8 +73,15 @@ def test_encode_is_the_normalised_argmin_and_decode_round_trips(janus):
     assert decoded.max() <= 1
 
 
+def stored_entries(database: PatchDatabase) -> tuple[np.ndarray, np.ndarray]:
+    """Every stored key and its next token, read back from the index (not through search)."""
+    keys = database.index.index.reconstruct_n(0, len(database))  # (N, D)
+    ids = faiss.vector_to_array(database.index.id_map)  # (N,)
+    return keys, database.layout.unpack(ids)[2]
+
+
 def test_text_to_image_with_daid_on_a_database_of_real_photos(janus, tmp_path):
-    report = build_database(janus, package_photos(), tmp_path / "db")
+    report = build_database(janus, package_photos(), tmp_path / "db", batch_size=3)
     assert report.images_added == 7
     assert report.skipped == []
     database = PatchDatabase.load(tmp_path / "db")
@@ -82,10 +91,26 @@ def test_text_to_image_with_daid_on_a_database_of_real_photos(janus, tmp_path):
     )
     out = generate(janus, ["a red cat", "a blue dog on the sofa"], config, database)
     assert out.images.shape == (4, 3, 16, 16)
-    eligible = database.positions
-    assert (out.records.image_ids[:, eligible] >= 0).all()
-    plain = generate(janus, ["a red cat", "a blue dog on the sofa"], GenerationConfig(num_images_per_prompt=2))
-    assert not torch.equal(out.tokens[:, eligible], plain.tokens[:, eligible])
+    keys, values = stored_entries(database)
+    codebook = janus.code_vectors(torch.arange(janus.codebook_size)).numpy()
+    grid = janus.grid
+    for row in range(4):
+        for t in database.positions:
+            r, c = grid.cell(t)
+            cells = [(r - 1, c - 1), (r - 1, c), (r - 1, c + 1), (r, c - 1)]
+            query = np.concatenate([codebook[out.tokens[row, grid.index(a, b)]] for a, b in cells])
+            distances = ((keys - query) ** 2).sum(-1)
+            assert out.tokens[row, t].item() in set(values[distances <= distances.min() + 1e-4].tolist())
+            assert out.records.image_ids[row, t] >= 0
+
+
+def test_a_batch_of_prompts_of_different_lengths_equals_single_runs(janus):
+    """Left padding, positions and the CFG halves are per row: batching changes nothing (greedy decoding)."""
+    prompts = ["a cat", "a red dog on the sofa", "the photo of a blue cat on a sofa"]
+    greedy = GenerationConfig(sampling=SamplingConfig(top_k=1, guidance_scale=3.0))
+    batch = generate(janus, prompts, greedy)
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(generate(janus, [prompt], greedy).tokens[0], batch.tokens[row]), prompt
 
 
 def test_configurations_that_cannot_generate_are_refused():

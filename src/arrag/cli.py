@@ -33,8 +33,8 @@ def _generate(args: argparse.Namespace) -> int:
         num_images_per_prompt=args.num_images,
         seed=args.seed,
     )
-    backend_name = args.backend or (read_manifest(args.db)["spec"]["backend"] if args.db else "tiny")
-    backend = load_backend(backend_name, args.device)
+    backend_name = args.backend or (read_manifest(args.db)["spec"]["backend"] if args.db else "builtin")
+    backend = load_backend(backend_name, args.device, args.dtype)
     database = None
     if args.db and method == "daid":
         database = PatchDatabase.load(args.db)
@@ -44,18 +44,22 @@ def _generate(args: argparse.Namespace) -> int:
     n = config.num_images_per_prompt
     for row, (prompt, seed) in enumerate(zip(output.prompts, output.seeds, strict=True)):
         records = output.records
+        image_ids = records.image_ids[row].tolist()
+        sorted(set(image_ids) - {-1})
         metadata = {
             "prompt": prompt,
             "seed": seed,
             "backend": backend.name,
-            "database": str(args.db) if args.db else None,
+            "database": str(args.db) if database is not None else None,
             "arrag_version": __version__,
             "config": config.to_dict(),
             "tokens": output.tokens[row].tolist(),
-            "provenance": {
-                "image_ids": records.image_ids[row].tolist(),
+            "provenance": {  # per position: the database patch whose next token was the sampled one
+                "image_ids": image_ids,
                 "positions": records.positions[row].tolist(),
-                "sources": database.sources if database is not None else [],
+                "sources": {i: database.sources[i] for i in sorted(set(image_ids) - {-1})}
+                if database is not None
+                else {},
             },
         }
         path = args.out / f"prompt{row // n:03d}-image{row % n:02d}.png"
@@ -69,7 +73,7 @@ def _db_build(args: argparse.Namespace) -> int:
     from arrag.build import build_database
     from arrag.grid import Neighbourhood
 
-    backend = load_backend(args.backend, args.device)
+    backend = load_backend(args.backend, args.device, args.dtype)
     report = build_database(
         backend,
         args.images,
@@ -162,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="prompts -> PNG images, with DAiD when given a patch database")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
-    gen.add_argument("--backend", help="model (default: the database's backend, else tiny)")
+    gen.add_argument(
+        "--backend", help="builtin, tiny, a Janus-Pro hub id or folder (default: the database's, else builtin)"
+    )
     gen.add_argument("--db", type=Path, help="patch database directory (arrag db build)")
     gen.add_argument("--method", choices=["none", "daid"], help="default: daid with --db, else none")
     gen.add_argument("--lambda", dest="lam", type=float, default=0.3, help="retrieval weight λ in [0, 1]")
@@ -183,13 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument("--out", type=Path, default=Path("samples"))
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="Janus weights")
     gen.set_defaults(handler=_generate)
 
     db = sub.add_parser("db", help="patch databases").add_subparsers(dest="db_command", required=True)
     build = db.add_parser("build", help="images -> patch database through a backend's tokenizer")
     build.add_argument("images", nargs="+", type=Path, metavar="IMAGES", help="image files or folders (recursive)")
     build.add_argument("--out", type=Path, required=True)
-    build.add_argument("--backend", default="tiny")
+    build.add_argument("--backend", default="builtin", help="builtin, tiny, a Janus-Pro hub id or folder")
     build.add_argument("--hops", type=int, default=1, help="causal neighbourhood radius (1: the paper's L)")
     build.add_argument(
         "--missing",
@@ -201,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=32)
     build.add_argument("--overwrite", action="store_true", help="replace an existing database at --out")
     build.add_argument("--device", default="cpu")
+    build.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="Janus weights")
     build.set_defaults(handler=_db_build)
 
     info = db.add_parser("info", help="print a database's manifest and size")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -13,11 +14,11 @@ FilterOrder = Literal["after_merge", "before_merge"]
 
 def check_retrieval_parameters(weight: float, temperature: float, k: int) -> None:
     """Raise ValueError with the fix for a retrieval weight λ, temperature τ or neighbour count k out of range."""
-    if not (isinstance(weight, int | float) and 0.0 <= weight <= 1.0):
+    if not (isinstance(weight, numbers.Real) and 0.0 <= weight <= 1.0):
         raise ValueError(f"retrieval weight λ must be in [0, 1] (0 = model only, 1 = retrieval only), got {weight}")
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"retrieval temperature τ must be a finite number > 0, got {temperature}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"the number of neighbours k must be an integer >= 1, got {k!r}")
 
 

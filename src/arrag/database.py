@@ -197,6 +197,15 @@ class PatchDatabase:
                 f"tokens {tuple(tokens.shape)}, cell_vectors {tuple(cell_vectors.shape)} and "
                 f"{len(sources)} sources do not describe the same images"
             )
+        if tokens.shape[1] != self.spec.grid.size or cell_vectors.shape[2] != self.spec.cell_dim:
+            raise ValueError(
+                f"this database takes {self.spec.grid.size} cells of {self.spec.cell_dim} values per image, got "
+                f"tokens {tuple(tokens.shape)} and cell_vectors {tuple(cell_vectors.shape)}"
+            )
+        if n and (tokens.min() < 0 or tokens.max() >= self.spec.codebook_size):
+            raise ValueError(f"token ids must be in [0, {self.spec.codebook_size}), got {tokens.min()}..{tokens.max()}")
+        if not torch.isfinite(cell_vectors).all():
+            raise ValueError("cell_vectors contain NaN or infinite values")
         first_id = self.num_images
         if first_id + n > self.layout.max_images:
             raise ValueError(f"the id layout holds at most {self.layout.max_images} images")
@@ -267,9 +276,12 @@ class PatchDatabase:
         index = faiss.read_index(str(directory / INDEX_FILE))
         sources = json.loads((directory / SOURCES_FILE).read_text())
         database = cls(spec, index, sources)
-        expected = manifest["counts"]["entries"]
-        if len(database) != expected:
-            raise ValueError(f"{directory}: index holds {len(database)} entries, the manifest says {expected}")
+        counts = manifest["counts"]
+        if len(database) != counts["entries"] or database.num_images != counts["images"]:
+            raise ValueError(
+                f"{directory}: index holds {len(database)} entries of {database.num_images} images, the manifest "
+                f"says {counts['entries']} of {counts['images']}; the database is damaged, build it again"
+            )
         return database
 
 

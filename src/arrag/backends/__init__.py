@@ -22,6 +22,8 @@ def load_backend(name: str, device: str | torch.device = "cpu", dtype: str = "fl
     from arrag.backends import builtin
 
     match = re.fullmatch(r"tiny(?:-(\d+))?", name)
+    if (match or name == "builtin" or name.startswith("builtin:")) and dtype != "float32":
+        raise ValueError(f"the {name} backend runs in float32; --dtype is for Janus checkpoints")
     if match:
         return builtin.tiny_backend(int(match.group(1) or 0), device)
     if name == "builtin":

@@ -40,6 +40,8 @@ class JanusSession:
         self, model: JanusForConditionalGeneration, input_ids: torch.Tensor, mask: torch.Tensor, guidance: bool
     ):
         config = model.generation_config
+        if not mask[:, -1].all():
+            raise ValueError("Janus prompts must be left-padded: the last position of every row must be a real token")
         self.model, self.guidance, self.batch = model, guidance, input_ids.shape[0]
         if guidance:
             special = (input_ids == config.bos_token_id) | (input_ids == config.generation_kwargs["boi_token_id"])
@@ -95,7 +97,10 @@ class JanusBackend:
             )
             for prompt in prompts
         ]
-        batch = self.processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
+        # Left padding, whatever the tokenizer's default: the next-token logits are read at the last position.
+        batch = self.processor(
+            text=texts, generation_mode="image", padding=True, padding_side="left", return_tensors="pt"
+        )
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     def start(self, prompts: Sequence[str], guidance_scale: float) -> JanusSession:

@@ -24,18 +24,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RetrievalRecords:
-    """Per row and position: where the nearest retrieved neighbour came from (-1 / NaN: no retrieval)."""
+    """Provenance of every sampled token; -1 / NaN where nothing was retrieved.
 
-    image_ids: torch.Tensor  # (B, T) database image id of the nearest neighbour
-    positions: torch.Tensor  # (B, T) its raster position in that image
-    distances: torch.Tensor  # (B, T) its squared-L2 distance
-    retrieval_share: torch.Tensor  # (B, T) λ·p_ret(x) / p(x): how much of the sampled token x came from retrieval
+    The source of a token is the nearest retrieved neighbour whose context was followed by that same token:
+    the database patch that "fed" it. ``retrieval_share`` is how much of the token's probability came from
+    retrieval, ``λ·p_ret(x) / p(x)``.
+    """
+
+    image_ids: torch.Tensor  # (B, T) database image id of the source; -1 if no neighbour had the token
+    positions: torch.Tensor  # (B, T) raster position of the source in that image
+    distances: torch.Tensor  # (B, T) squared-L2 distance of the source
+    retrieval_share: torch.Tensor  # (B, T) in [0, 1]
 
     @classmethod
     def empty(cls, rows: int, positions: int) -> RetrievalRecords:
         missing = torch.full((rows, positions), -1, dtype=torch.long)
         nan = torch.full((rows, positions), float("nan"))
         return cls(missing, missing.clone(), nan, nan.clone())
+
+    def record(
+        self, position: int, found: Neighbours, sampled: torch.Tensor, share: torch.Tensor, retrieved: torch.Tensor
+    ) -> None:
+        """Fill one position from its neighbours (B, K), the sampled tokens (B,) and the retrieval shares (B,)."""
+        same = found.valid & (found.tokens == sampled[:, None])  # (B, K)
+        distances = found.distances.masked_fill(~same, float("inf"))
+        source = distances.argmin(dim=-1, keepdim=True)  # (B, 1)
+        has_source = same.any(dim=-1)  # (B,)
+        self.image_ids[:, position] = torch.where(has_source, found.image_ids.gather(-1, source)[:, 0], -1)
+        self.positions[:, position] = torch.where(has_source, found.positions.gather(-1, source)[:, 0], -1)
+        self.distances[:, position] = torch.where(has_source, distances.gather(-1, source)[:, 0], float("nan"))
+        self.retrieval_share[:, position] = torch.where(retrieved, share, float("nan"))
 
 
 @dataclass
@@ -66,22 +84,6 @@ class PatchRetriever:
         return self.database.search(queries, self.config.k)
 
 
-def _merge(
-    probs: torch.Tensor, found: Neighbours, config: RetrievalConfig, records: RetrievalRecords, position: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DAiD on one step -> (merged probabilities, retrieval probabilities); fills the provenance records."""
-    p_retrieved, has_any = retrieval_distribution(
-        found.distances, found.tokens, found.valid, probs.shape[-1], config.temperature, config.duplicates
-    )
-    p_retrieved = p_retrieved.to(probs.device)
-    merged = mix(probs, p_retrieved, has_any.to(probs.device), config.weight)  # (B, V)
-    nearest = found.distances.argmin(dim=-1, keepdim=True)  # (B, 1)
-    records.image_ids[:, position] = found.image_ids.gather(-1, nearest)[:, 0]
-    records.positions[:, position] = found.positions.gather(-1, nearest)[:, 0]
-    records.distances[:, position] = torch.where(has_any, found.distances.gather(-1, nearest)[:, 0], float("nan"))
-    return merged, p_retrieved
-
-
 @torch.inference_mode()
 def generate(
     backend: Backend,
@@ -97,6 +99,8 @@ def generate(
     search for position t is issued before the model's step t: both need only the tokens before t,
     and FAISS and torch release the GIL, so they run at the same time.
     """
+    if not prompts:
+        raise ValueError("no prompts given")
     for prompt in prompts:
         if not prompt.strip():
             raise ValueError("a prompt is empty; give every image a description")
@@ -127,17 +131,27 @@ def generate(
             probs = to_probabilities(logits, sampling.temperature)
             if sampling.filter_order == "before_merge":
                 probs = filter_probabilities(probs, sampling.top_k, sampling.top_p)
-            mixed, p_retrieved = probs, None
+            found, p_retrieved, retrieved = None, None, None
             if pending is not None:
-                mixed, p_retrieved = _merge(probs, pending.result(), config.retrieval, records, t)
-            probs = mixed
+                found, retrieval = pending.result(), config.retrieval
+                p_retrieved, retrieved = retrieval_distribution(
+                    found.distances,
+                    found.tokens,
+                    found.valid,
+                    probs.shape[-1],
+                    retrieval.temperature,
+                    retrieval.duplicates,
+                )
+                p_retrieved, retrieved = p_retrieved.to(probs.device), retrieved.to(probs.device)
+                probs = mix(probs, p_retrieved, retrieved, retrieval.weight)  # (B, V)
+            mixed = probs
             if sampling.filter_order == "after_merge":
                 probs = filter_probabilities(probs, sampling.top_k, sampling.top_p)
             previous = sample(probs, generators)  # (B,)
-            if p_retrieved is not None:
+            if found is not None:
                 chosen = previous[:, None]
-                share = config.retrieval.weight * p_retrieved.gather(-1, chosen) / mixed.gather(-1, chosen)
-                records.retrieval_share[:, t] = share[:, 0].cpu()
+                share = config.retrieval.weight * p_retrieved.gather(-1, chosen) / mixed.gather(-1, chosen)  # (B, 1)
+                records.record(t, found, previous.cpu(), share[:, 0].cpu(), retrieved.cpu())
             tokens[:, t] = previous.cpu()
             if retriever is not None:
                 retriever.observe(t, previous)

@@ -34,11 +34,12 @@ def retrieval_distribution(
         ((B, V) probabilities, zero rows where nothing was retrieved; (B,) bool, True where something was).
     """
     check_retrieval_parameters(0.0, temperature, 1)
-    scores = (-distances.float() / temperature).masked_fill(~valid, float("-inf"))  # (B, K)
     found = valid.any(dim=-1)  # (B,)
-    # Shift by each row's best score before exponentiating: exact for any τ, never overflows.
-    best = torch.where(found, scores.max(dim=-1).values, 0.0)  # (B,)
-    weights = torch.exp(scores - best[:, None])  # (B, K); 0 where invalid, 1 at the nearest
+    # Subtract each row's nearest distance before dividing by τ: exact for any τ > 0, never overflows.
+    # float64 keeps any τ a Python float can hold (float32 would round τ < 1e-45 to zero).
+    distances = distances.double().masked_fill(~valid, float("inf"))  # (B, K)
+    nearest = torch.where(found, distances.min(dim=-1).values, 0.0)  # (B,)
+    weights = torch.exp(-(distances - nearest[:, None]) / temperature).float()  # (B, K); 1 at the nearest
     per_token = weights.new_zeros(weights.shape[0], vocab_size)  # (B, V)
     if duplicates == "sum":
         per_token = per_token.scatter_add(-1, tokens, weights)
