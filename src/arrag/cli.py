@@ -150,7 +150,9 @@ def _world_report(args: argparse.Namespace) -> int:
     if args.part in ("tokenizer", "all"):
         results["tokenizer"] = report.tokenizer_report(load_backend(args.backend), checker)
     if args.part in ("generator", "all"):
-        results["generator"] = report.generator_report(load_backend(args.backend), checker, prompts=args.prompts)
+        results["generator"] = report.generator_report(
+            load_backend(args.backend), checker, prompts=args.prompts, images_per_prompt=args.num_images
+        )
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
@@ -230,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     world_report.add_argument("--part", choices=["checker", "tokenizer", "generator", "all"], default="all")
     world_report.add_argument("--backend", default="builtin")
     world_report.add_argument("--prompts", type=int, default=360, help="held-out prompts for the generator")
+    world_report.add_argument("--num-images", type=int, default=4, help="images per held-out prompt")
     world_report.add_argument("--out", type=Path, help="also write the JSON here")
     world_report.set_defaults(handler=_world_report)
 
