@@ -66,7 +66,7 @@ class PromptProcessor:
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return messages[0]["content"][0]["text"]
 
-    def __call__(self, text, generation_mode="image", padding=True, return_tensors="pt"):
+    def __call__(self, text, **kwargs):
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(1000, 90000, (len(text), self.length), generator=g)
         ids[:, 0], ids[:, -1] = 100000, 100016
