@@ -29,8 +29,17 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
-    config = TrainConfig(steps=8, batch_size=16, learning_rate=1e-2, warmup_steps=2, checkpoint_every=3, accumulation=2)
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, ema_decay):
+    config = TrainConfig(
+        steps=8,
+        batch_size=16,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        checkpoint_every=3,
+        accumulation=2,
+        ema_decay=ema_decay,
+    )
     whole = make_model()
     train(whole, regression_task(whole), config, tmp_path / "whole", {"what": "test"})
 
@@ -48,6 +57,30 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert not torch.equal(expected["0.weight"], make_model().state_dict()["0.weight"])  # it did train
+
+
+def test_saved_weights_are_the_exponential_average_of_the_trained_ones(tmp_path):
+    decay = 0.7
+    config = TrainConfig(
+        steps=5, batch_size=16, learning_rate=1e-2, warmup_steps=1, checkpoint_every=1, ema_decay=decay
+    )
+    model = make_model()
+    snapshots = []  # the raw weights after every step
+    train(
+        model,
+        regression_task(model),
+        config,
+        tmp_path,
+        {"what": "test"},
+        on_checkpoint=lambda step: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}),
+    )
+    expected = dict(snapshots[0])
+    for weights in snapshots[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    saved = load_file(tmp_path / "model.safetensors")
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name], value)
+        assert not torch.allclose(saved[name], snapshots[-1][name])  # not simply the last weights
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

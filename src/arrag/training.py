@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,15 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     bf16: bool = False  # autocast matmuls to bfloat16 (fast on CPUs with AMX / AVX512-BF16)
+    ema_decay: float | None = None  # keep an exponential moving average of the weights and save it instead
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.accumulation < 1:
             raise ValueError("steps, batch_size and accumulation must be >= 1")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
@@ -90,6 +94,8 @@ def train(
         lr=config.learning_rate,
         betas=(0.9, 0.95),
     )
+    # A small model trained for few steps samples noticeably better from averaged weights.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     start = 0
     checkpoint_path = out / CHECKPOINT_FILE
     if checkpoint_path.exists():
@@ -98,6 +104,8 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
+        if ema is not None and "ema" in state:  # otherwise the average starts from the resumed weights
+            ema.load_state_dict(state["ema"])
         logger.info("resuming from step %d of %d", start, config.steps)
     trainable = sum(p.numel() for p in params)
     print(f"training {trainable:,} parameters for {config.steps} steps (from step {start}) -> {out}")
@@ -116,16 +124,29 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
             progress.update(1)
             progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
             done = step + 1
             if done % config.checkpoint_every == 0 or done == config.steps:
                 tmp = checkpoint_path.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done}, tmp)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done}
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
+                torch.save(state, tmp)
                 os.replace(tmp, checkpoint_path)
                 if on_checkpoint is not None:
                     on_checkpoint(done)
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     model.eval()
-    description = {**description, "train": asdict(config), "train_seconds_this_run": round(time.perf_counter() - began)}
+    seconds = round(time.perf_counter() - began)
+    description = {
+        **description,
+        "train": asdict(config),
+        "resumed_from_step": start,
+        "train_seconds_this_run": seconds,
+    }
     save_weights(model, out, description)
     return model

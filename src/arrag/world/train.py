@@ -206,6 +206,7 @@ def train_generator(
         checkpoint_every=100,
         seed=seed,
         bf16=True,
+        ema_decay=0.998,
     )
     description = {
         "model": "ImageTransformer",
