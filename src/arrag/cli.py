@@ -107,7 +107,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.what == "generator":
         if args.tokenizer is None:
             raise ValueError("arrag train generator needs --tokenizer DIR (a trained tokenizer's folder)")
-        train.train_generator(args.out, args.tokenizer, steps=args.steps, seed=args.seed, command=command)
+        schedule = {} if args.learning_rate is None else {"learning_rate": args.learning_rate, "warmup_steps": 50}
+        train.train_generator(
+            args.out, args.tokenizer, steps=args.steps, seed=args.seed, command=command, init=args.init, **schedule
+        )
     else:
         recipe = {"classifier": train.train_classifier, "tokenizer": train.train_tokenizer}[args.what]
         recipe(args.out, steps=args.steps, seed=args.seed, command=command)
@@ -157,6 +160,25 @@ def _world_report(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         args.out.write_text(text)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from arrag.evaluation.experiment import EvalConfig, evaluate
+    from arrag.evaluation.report import write_report
+
+    config = EvalConfig.quick(args.out) if args.quick else EvalConfig(out=args.out)
+    overrides = {"test_prompts": args.test_prompts, "images_per_prompt": args.num_images}
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(args.seeds)
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    results = evaluate(config)
+    report = write_report(results, config.out, "arrag " + " ".join(sys.argv[1:]))
+    for entry in results["methods"].values():
+        print(f"{entry['name']:42s} overall {entry['scores']['overall']}  near-copies {entry['copy_rate']:.3f}")
+    print(f"report: {report}")
     return 0
 
 
@@ -227,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--k", type=int, default=2048)
     demo.set_defaults(handler=_demo)
 
+    evaluation = sub.add_parser("eval", help="does retrieval help? base model, DAiD and image-level retrieval compared")
+    evaluation.add_argument("--quick", action="store_true", help="small prompt sets, one seed: a few minutes")
+    evaluation.add_argument("--out", type=Path, default=Path("runs/eval"))
+    evaluation.add_argument("--test-prompts", type=int, help="held-out test prompts (default 552; quick 60)")
+    evaluation.add_argument("--num-images", type=int, help="images per test prompt and seed (default 4; quick 2)")
+    evaluation.add_argument("--seeds", type=int, nargs="+", help="test seeds (default 0 1 2; quick 0)")
+    evaluation.set_defaults(handler=_eval)
+
     world = sub.add_parser("world", help="the built-in world").add_subparsers(dest="world_command", required=True)
     world_report = world.add_parser("report", help="measure the checker, tokenizer and generator on held-out data")
     world_report.add_argument("--part", choices=["checker", "tokenizer", "generator", "all"], default="all")
@@ -242,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--steps", type=int, required=True)
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--tokenizer", type=Path, help="trained tokenizer folder (for the generator)")
+    trainer.add_argument("--init", type=Path, help="start the generator from a trained generator folder's weights")
+    trainer.add_argument("--learning-rate", type=float, help="generator peak learning rate (default 1e-3)")
     trainer.set_defaults(handler=_train)
     return parser
 

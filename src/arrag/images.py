@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, PngImagePlugin
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -63,3 +63,20 @@ def save_image(image: torch.Tensor, path: Path, metadata: dict) -> None:
     info.add_text("arrag", text)
     to_pil(image).save(path, pnginfo=info)
     path.with_suffix(".json").write_text(text)
+
+
+def labelled_grid(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], scale: int = 3) -> Image.Image:
+    """A comparison sheet: one titled row per prompt, cells of (H, W, 3) uint8 images with a caption each."""
+    cell_h, cell_w = (side * scale for side in rows[0][1][0][0].shape[:2])
+    columns = max(len(cells) for _, cells in rows)
+    sheet = Image.new("RGB", (columns * (cell_w + 8), len(rows) * (cell_h + 30)), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for i, (title, cells) in enumerate(rows):
+        top = i * (cell_h + 30)
+        draw.text((4, top + 2), title, fill=(255, 255, 255))
+        for j, (image, caption) in enumerate(cells):
+            left = j * (cell_w + 8)
+            big = Image.fromarray(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+            sheet.paste(big, (left, top + 30))
+            draw.text((left + 3, top + 16), caption, fill=(230, 230, 230))
+    return sheet

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -65,8 +66,18 @@ class GenerationOutput:
     records: RetrievalRecords
 
 
+class Retriever(Protocol):
+    """Where DAiD's neighbours come from: told every sampled token, asked before each eligible step."""
+
+    eligible: set[int]  # raster positions that get a search
+
+    def observe(self, position: int, tokens: torch.Tensor) -> None: ...
+
+    def search(self, position: int) -> Neighbours: ...
+
+
 class PatchRetriever:
-    """Makes each row's query from its own generated tokens and searches the database."""
+    """AR-RAG's retrieval: each row's query is made from its own generated tokens, at every step."""
 
     def __init__(self, backend: Backend, database: PatchDatabase, config: RetrievalConfig, rows: int):
         database.check_backend(backend)
@@ -91,32 +102,34 @@ def generate(
     config: GenerationConfig,
     database: PatchDatabase | None = None,
     seeds: Sequence[int] | None = None,
+    retriever: Retriever | None = None,
 ) -> GenerationOutput:
     """Generate ``num_images_per_prompt`` images for every prompt, optionally with DAiD.
 
     Row i (prompt i // n, image i % n) samples from its own ``torch.Generator`` seeded ``seeds[i]``
     (default ``config.seed + i``), so its tokens do not depend on the rest of the batch. With DAiD, the
     search for position t is issued before the model's step t: both need only the tokens before t,
-    and FAISS and torch release the GIL, so they run at the same time.
+    and FAISS and torch release the GIL, so they run at the same time. ``retriever`` replaces the patch
+    database search with another source of neighbours (e.g. the image-level baseline in
+    :mod:`arrag.evaluation.image_retrieval`); the merge is DAiD's.
     """
     if not prompts:
         raise ValueError("no prompts given")
     for prompt in prompts:
         if not prompt.strip():
             raise ValueError("a prompt is empty; give every image a description")
-    if config.method == "daid" and database is None:
+    if config.method == "daid" and database is None and retriever is None:
         raise ValueError("method 'daid' needs a patch database (build one with arrag db build)")
+    if retriever is not None and config.method != "daid":
+        raise ValueError(f"a retriever's neighbours are merged by DAiD; use method 'daid', not {config.method!r}")
     rows = [prompt for prompt in prompts for _ in range(config.num_images_per_prompt)]
     seeds = list(seeds) if seeds is not None else [config.seed + i for i in range(len(rows))]
     if len(seeds) != len(rows):
         raise ValueError(f"{len(rows)} rows need {len(rows)} seeds, got {len(seeds)}")
     generators = [torch.Generator(device=backend.device).manual_seed(s) for s in seeds]
     sampling, total = config.sampling, backend.grid.size
-    retriever = (
-        PatchRetriever(backend, database, config.retrieval, len(rows))
-        if config.method == "daid" and database is not None
-        else None
-    )
+    if retriever is None and config.method == "daid" and database is not None:
+        retriever = PatchRetriever(backend, database, config.retrieval, len(rows))
     records = RetrievalRecords.empty(len(rows), total)
     tokens = torch.full((len(rows), total), -1, dtype=torch.long)  # (B, T)
     session = backend.start(rows, sampling.guidance_scale)

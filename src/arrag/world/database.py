@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from arrag.backends.base import Backend
@@ -13,12 +16,21 @@ from arrag.build import add_images
 from arrag.database import MANIFEST_FILE, DatabaseSpec, PatchDatabase
 from arrag.grid import Neighbourhood
 from arrag.world.digits import load_pool
-from arrag.world.prompts import sample_prompts
+from arrag.world.prompts import Prompt, sample_prompts
 from arrag.world.scenes import render_scenes, to_backend_input
 
 logger = logging.getLogger(__name__)
 
 DATABASE_SEED = 1
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "arrag"
+
+
+def world_database_dir(cache: Path, backend: Backend, neighbourhood: Neighbourhood | None = None) -> Path:
+    """Where the world database for ``backend``'s tokenizer and ``neighbourhood`` is cached under ``cache``."""
+    name = f"world-db-{backend.codebook_fingerprint.removeprefix('sha256:')}"
+    if neighbourhood is not None and neighbourhood != Neighbourhood():
+        name += f"-{neighbourhood.name}"
+    return cache / name
 
 
 def world_database(
@@ -41,14 +53,23 @@ def world_database(
     return database
 
 
-def build_world_database(backend: Backend, spec: DatabaseSpec, scenes: int, batch_size: int = 100) -> PatchDatabase:
-    """Render ``scenes`` captioned scenes from the database pool and add their patches."""
+def world_database_scenes(
+    backend: Backend, scenes: int, batch_size: int = 100
+) -> Iterator[tuple[list[Prompt], torch.Tensor]]:
+    """The database pool's captioned scenes, in batches of (prompts, (N, 3, H, W) backend input)."""
     glyphs = load_pool("database")
-    database = PatchDatabase(spec)
-    for start in tqdm(range(0, scenes, batch_size), desc="world database", unit="batch"):
+    for start in range(0, scenes, batch_size):
         rng = np.random.default_rng([DATABASE_SEED, start])
         prompts = sample_prompts(min(batch_size, scenes - start), int(rng.integers(2**32)))
-        pixels = to_backend_input(render_scenes(prompts, glyphs, rng), backend.preprocess)  # (N, 3, H, W)
-        names = [f"world-database-scene-{start + i}: {p.text}" for i, p in enumerate(prompts)]
+        yield prompts, to_backend_input(render_scenes(prompts, glyphs, rng), backend.preprocess)
+
+
+def build_world_database(backend: Backend, spec: DatabaseSpec, scenes: int, batch_size: int = 100) -> PatchDatabase:
+    """Render ``scenes`` captioned scenes from the database pool and add their patches."""
+    database = PatchDatabase(spec)
+    batches = world_database_scenes(backend, scenes, batch_size)
+    for prompts, pixels in tqdm(batches, total=-(-scenes // batch_size), desc="world database", unit="batch"):
+        first = database.num_images
+        names = [f"world-database-scene-{first + i}: {p.text}" for i, p in enumerate(prompts)]
         add_images(database, backend, pixels, names)
     return database
