@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,9 @@ import torch
 from arrag.config import GenerationConfig, RetrievalConfig
 from arrag.decoding.loop import generate
 from arrag.evaluation.copying import CopyThreshold, nearest_database_image
-from arrag.evaluation.experiment import EvalConfig
+from arrag.evaluation.experiment import EvalConfig, evaluate
 from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_caption
+from arrag.evaluation.report import write_report
 from arrag.evaluation.statistics import category_scores
 from arrag.grid import Neighbourhood
 
@@ -101,3 +104,37 @@ def test_eval_config_validates():
     with pytest.raises(ValueError, match="λ"):
         EvalConfig(weights=(0.0, 1.5))
     assert EvalConfig.quick().test_prompts < EvalConfig().test_prompts
+
+
+def test_a_small_evaluation_runs_end_to_end_and_writes_its_report(tmp_path):
+    config = EvalConfig(
+        out=tmp_path / "eval",
+        cache=tmp_path / "cache",
+        test_prompts=6,
+        images_per_prompt=1,
+        seeds=(0, 1),
+        validation_prompts=6,
+        validation_images=1,
+        weights=(0.0, 0.3),
+        duplicates=("sum",),
+        temperatures=(1.0,),
+        ks=(64,),
+        hops=(1,),
+        retrieved_images=2,
+        database_scenes=40,
+        copy_calibration_scenes=100,
+        copy_false_positive_rate=0.05,
+    )
+    results = evaluate(config)
+    assert list(results["methods"]) == ["base", "daid", "image-level"]
+    for entry in results["methods"].values():
+        assert len(entry["overall_per_seed"]) == 2
+        assert 0 <= entry["copy_rate"] <= 1
+        assert entry["scores"]["overall"].low <= entry["scores"]["overall"].mean <= entry["scores"]["overall"].high
+    assert results["methods"]["daid"]["settings"]["duplicates"] == "sum"
+    assert set(results["validation"]["sweep"]) == {"DAiD (sum)", "image-level"}
+    assert results["samples"]["base"].shape == (6, 64, 64, 3)
+    report = write_report(results, config.out, "arrag eval (test)")
+    assert {p.name for p in config.out.iterdir()} == {"report.md", "results.json", "sweep.png", "samples.png"}
+    assert "| base model |" in report.read_text()
+    assert json.loads((config.out / "results.json").read_text())["config"]["test_prompts"] == 6

@@ -112,6 +112,10 @@ def write_report(results: dict, out: Path, command: str) -> Path:
         "## Settings chosen on validation prompts",
         "",
         *[f"- {entry['name']}: `{json.dumps(_plain(entry['settings']))}`" for entry in results["methods"].values()],
+        *[
+            f"- On validation, the best {name} setting {'beat' if won else 'did NOT beat'} the base model."
+            for name, won in results["validation"]["retrieval_beat_base"].items()
+        ],
         "",
         "![score against λ](sweep.png)",
         "",
