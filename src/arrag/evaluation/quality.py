@@ -15,6 +15,7 @@ Shapes: N real images, M generated images, D features.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -129,7 +130,11 @@ def kernel_distance(
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, len(real), len(generated))
-    metric = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets, subset_size=size, degree=degree)
+    with warnings.catch_warnings():  # that it keeps every feature: so does the caller
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        metric = KernelInceptionDistance(
+            feature=_Given(real.shape[1]), subsets=subsets, subset_size=size, degree=degree
+        )
     metric.update(real.double(), real=True)
     metric.update(generated.double(), real=False)
     with torch.random.fork_rng(devices=[]):
