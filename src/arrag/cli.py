@@ -208,7 +208,7 @@ def _bench(args: argparse.Namespace) -> int:
         measured = folder_quality(
             args.generated, args.reference, load_features(args.features, args.inception_weights), config, args.glob
         )
-        text = json.dumps(measured.report(), indent=2)
+        text = json.dumps(measured.report(), indent=2, ensure_ascii=False)
         print(text)
         if args.out:
             args.out.write_text(text)

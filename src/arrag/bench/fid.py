@@ -152,8 +152,16 @@ class FolderQuality:
             values = {"FID": q.frechet_distance, "KID": q.kid, "KID std": q.kid_std}
         else:
             values = q.named()
-        paths = {"generated": self.generated, "reference": self.reference, "skipped": self.skipped}
-        return {**values, **q.to_dict(), **paths}
+        return {
+            **values,
+            "features": q.features,
+            "generated_images": q.generated_images,
+            "reference_images": q.real_images,
+            "kid_subset_size": q.kid_subset_size,
+            "generated": self.generated,
+            "reference": self.reference,
+            "skipped": self.skipped,
+        }
 
 
 def folder_quality(
