@@ -25,6 +25,7 @@ from torch import nn
 
 from arrag.evaluation.quality import (
     EfficientNetLite0Features,
+    FeaturesUnavailableError,
     Quality,
     QualityConfig,
     extract_features,
@@ -36,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 FeatureName = Literal["inception", "efficientnet-lite0"]
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the FID weights
-
-
-class FeaturesUnavailableError(ValueError):
-    """A feature network cannot be loaded here; the message says how to provide it."""
 
 
 class InceptionFeatures(nn.Module):

