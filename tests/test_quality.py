@@ -87,10 +87,7 @@ def test_statistics_are_deterministic_and_kid_subsets_follow_the_seed(efficientn
     assert first == again
     assert first.kid_subset_size == 6 and first.real_images == first.generated_images == 12
     other_seed = compare(
-        blob_sets["real"],
-        blob_sets["blurred"],
-        efficientnet,
-        QualityConfig(batch_size=5, kid_subsets=5, kid_subset_size=6, seed=4),
+        real, blurred, efficientnet, QualityConfig(batch_size=5, kid_subsets=5, kid_subset_size=6, seed=4)
     )
     assert other_seed.frechet_distance == pytest.approx(first.frechet_distance, rel=1e-6)  # other batches
     assert other_seed.kid != first.kid
