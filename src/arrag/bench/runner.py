@@ -165,15 +165,12 @@ def run_jobs(
     began = time.perf_counter()
     generation = config.generation
     common = {"settings": settings(backend, config, database_path), "arrag_version": __version__}
+    earlier = next((path for job in jobs if (path := layout.finished(job)) is not None), None)
+    if earlier is not None:  # any shard's finished image: the folder holds one run's images only
+        check_resumable(earlier, common["settings"])
     pending, skipped = [], []
     for job in select(jobs, config):
-        finished = layout.finished(job)
-        if finished is None:
-            pending.append(job)
-        else:
-            if not skipped:
-                check_resumable(finished, common["settings"])
-            skipped.append(job.key)
+        (pending if layout.finished(job) is None else skipped).append(job)
     n = generation.num_images_per_prompt
     for first in range(0, len(pending), config.batch_prompts):
         batch = pending[first : first + config.batch_prompts]
@@ -184,4 +181,4 @@ def run_jobs(
             metadata = {"prompt": prompts[i], "seeds": seeds[i * n : (i + 1) * n], **common}
             layout.write(job, output.images[i * n : (i + 1) * n], metadata)
         logger.info("%d/%d prompts written (%s)", first + len(batch), len(pending), batch[-1].key)
-    return RunSummary([job.key for job in pending], skipped, round(time.perf_counter() - began, 1))
+    return RunSummary([job.key for job in pending], [job.key for job in skipped], round(time.perf_counter() - began, 1))
