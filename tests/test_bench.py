@@ -172,3 +172,21 @@ def test_tile_places_images_row_by_row_and_clip_prompt_keeps_whole_characters():
     assert grid[0, ::2, ::2].tolist() == [[0, 1], [2, 3], [4, 0]]  # the missing sixth cell stays black
     assert clip_prompt("café au lait", 4) == "caf"  # "é" is two bytes: not cut in half
     assert clip_prompt("café", None) == "café"
+
+
+@needs_prompts
+def test_a_janus_backend_fills_dpg_grids_the_same_in_batches_of_padded_prompts(tmp_path):
+    """Any backend: a tiny random Janus model, whose long DPG prompts of different lengths are padded in a batch."""
+    pytest.importorskip("transformers")
+    from arrag.backends.janus import JanusBackend
+    from janus_tiny import tiny_janus_model, tiny_janus_processor
+
+    janus = JanusBackend(tiny_janus_model(), tiny_janus_processor(), "tiny-janus")
+    generation = GenerationConfig(num_images_per_prompt=4)
+    run_dpg(DPG, tmp_path / "batched", janus, BenchConfig(generation, limit=3, batch_prompts=3))
+    run_dpg(DPG, tmp_path / "alone", janus, BenchConfig(generation, limit=3))
+    names = sorted(p.name for p in (tmp_path / "batched").iterdir())
+    assert names == sorted(f"{job.key}.png" for job in read_dpg_prompts(DPG)[:3])
+    for name in names:
+        assert pixels(tmp_path / "batched" / name).shape == (2 * janus.image_size, 2 * janus.image_size, 3)
+        np.testing.assert_array_equal(pixels(tmp_path / "batched" / name), pixels(tmp_path / "alone" / name))
