@@ -8,20 +8,21 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from arrag import __version__
 
+if TYPE_CHECKING:
+    from arrag.backends.base import Backend
+    from arrag.config import GenerationConfig
+    from arrag.database import PatchDatabase
 
-def _generate(args: argparse.Namespace) -> int:
-    from arrag.backends import load_backend
+
+def _generation_config(args: argparse.Namespace) -> GenerationConfig:
     from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
-    from arrag.database import PatchDatabase, read_manifest
-    from arrag.decoding.loop import generate
-    from arrag.images import save_image
 
-    method = args.method or ("daid" if args.db else "none")
-    config = GenerationConfig(
-        method=method,
+    return GenerationConfig(
+        method=args.method or ("daid" if args.db else "none"),
         sampling=SamplingConfig(
             guidance_scale=args.guidance_scale,
             temperature=args.temperature,
@@ -33,12 +34,28 @@ def _generate(args: argparse.Namespace) -> int:
         num_images_per_prompt=args.num_images,
         seed=args.seed,
     )
+
+
+def _backend_and_database(args: argparse.Namespace, method: str) -> tuple[Backend, PatchDatabase | None]:
+    """The backend (default: the database's, else builtin) and, for DAiD, the database checked against it."""
+    from arrag.backends import load_backend
+    from arrag.database import PatchDatabase, read_manifest
+
     backend_name = args.backend or (read_manifest(args.db)["spec"]["backend"] if args.db else "builtin")
     backend = load_backend(backend_name, args.device, args.dtype)
     database = None
     if args.db and method == "daid":
         database = PatchDatabase.load(args.db)
         database.check_backend(backend)
+    return backend, database
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from arrag.decoding.loop import generate
+    from arrag.images import save_image
+
+    config = _generation_config(args)
+    backend, database = _backend_and_database(args, config.method)
     output = generate(backend, args.prompts, config, database)
     args.out.mkdir(parents=True, exist_ok=True)
     n = config.num_images_per_prompt
@@ -182,6 +199,68 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "fid":
+        from arrag.bench.fid import folder_quality, load_features
+        from arrag.evaluation.quality import QualityConfig
+
+        config = QualityConfig(args.batch_size, args.kid_subsets, args.kid_subset_size)
+        measured = folder_quality(
+            args.generated, args.reference, load_features(args.features, args.inception_weights), config, args.glob
+        )
+        text = json.dumps(measured.report(), indent=2, ensure_ascii=False)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
+    from arrag.bench.dpg import run_dpg
+    from arrag.bench.geneval import run_geneval
+    from arrag.bench.runner import BenchConfig
+
+    config = BenchConfig(_generation_config(args), args.start, args.limit, args.batch_prompts, args.max_prompt_bytes)
+    backend, database = _backend_and_database(args, config.generation.method)
+    where = args.db if database is not None else None
+    if args.bench_command == "geneval":
+        summary = run_geneval(args.prompts, args.out, backend, config, database, where, args.grid)
+    else:
+        summary = run_dpg(args.prompts, args.out, backend, config, database, where)
+    print(
+        f"{args.out}: {len(summary.generated)} prompts generated, {len(summary.skipped)} already finished "
+        f"({summary.seconds:.0f} s)"
+    )
+    return 0
+
+
+def _add_generation_options(parser: argparse.ArgumentParser, images: int | None, seeds: str) -> None:
+    """Backend, database, sampling and retrieval options; ``images=None`` leaves out --num-images."""
+    parser.add_argument(
+        "--backend", help="builtin, tiny, a Janus-Pro hub id or folder (default: the database's, else builtin)"
+    )
+    parser.add_argument("--db", type=Path, help="patch database directory (arrag db build)")
+    parser.add_argument("--method", choices=["none", "daid"], help="default: daid with --db, else none")
+    parser.add_argument("--lambda", dest="lam", type=float, default=0.3, help="retrieval weight λ in [0, 1]")
+    parser.add_argument("--tau", type=float, default=1.0, help="retrieval temperature τ > 0")
+    parser.add_argument("--k", type=int, default=2048, help="neighbours retrieved per position")
+    parser.add_argument(
+        "--duplicates",
+        choices=["nearest", "sum"],
+        default="nearest",
+        help="weigh each retrieved token by its nearest occurrence (paper) or by all (kNN-LM)",
+    )
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--filter-order", choices=["after_merge", "before_merge"], default="after_merge")
+    parser.add_argument("--seed", type=int, default=0, help=seeds)
+    if images is None:
+        parser.set_defaults(num_images=4)
+    else:
+        parser.add_argument("--num-images", type=int, default=images, help="images per prompt")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="Janus weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrag", description="Autoregressive retrieval augmentation (AR-RAG)")
     parser.add_argument("--version", action="version", version=f"arrag {__version__}")
@@ -190,30 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="prompts -> PNG images, with DAiD when given a patch database")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
-    gen.add_argument(
-        "--backend", help="builtin, tiny, a Janus-Pro hub id or folder (default: the database's, else builtin)"
-    )
-    gen.add_argument("--db", type=Path, help="patch database directory (arrag db build)")
-    gen.add_argument("--method", choices=["none", "daid"], help="default: daid with --db, else none")
-    gen.add_argument("--lambda", dest="lam", type=float, default=0.3, help="retrieval weight λ in [0, 1]")
-    gen.add_argument("--tau", type=float, default=1.0, help="retrieval temperature τ > 0")
-    gen.add_argument("--k", type=int, default=2048, help="neighbours retrieved per position")
-    gen.add_argument(
-        "--duplicates",
-        choices=["nearest", "sum"],
-        default="nearest",
-        help="weigh each retrieved token by its nearest occurrence (paper) or by all (kNN-LM)",
-    )
-    gen.add_argument("--guidance-scale", type=float, default=5.0)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--filter-order", choices=["after_merge", "before_merge"], default="after_merge")
-    gen.add_argument("--seed", type=int, default=0, help="image i of the request is seeded seed + i")
-    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    _add_generation_options(gen, images=1, seeds="image i of the request is seeded seed + i")
     gen.add_argument("--out", type=Path, default=Path("samples"))
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="Janus weights")
     gen.set_defaults(handler=_generate)
 
     db = sub.add_parser("db", help="patch databases").add_subparsers(dest="db_command", required=True)
@@ -256,6 +313,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--num-images", type=int, help="images per test prompt and seed (default 4; quick 2)")
     evaluation.add_argument("--seeds", type=int, nargs="+", help="test seeds (default 0 1 2; quick 0)")
     evaluation.set_defaults(handler=_eval)
+
+    bench = sub.add_parser("bench", help="the paper's benchmarks: GenEval and DPG-Bench images, FID/KID of folders")
+    benches = bench.add_subparsers(dest="bench_command", required=True)
+    seeds = "image j of the prompt on line i (from 0) is seeded seed + i·n + j, n images per prompt"
+    geneval = benches.add_parser("geneval", help="GenEval's prompts -> its official folder layout, to score with it")
+    geneval.add_argument("prompts", type=Path, metavar="PROMPTS_JSONL", help="GenEval's evaluation_metadata.jsonl")
+    _add_generation_options(geneval, images=4, seeds=seeds)
+    geneval.add_argument("--grid", action="store_true", help="also write each prompt's grid.png")
+    dpg = benches.add_parser("dpg", help="DPG-Bench's prompts -> one 2×2 grid <id>.png per prompt")
+    dpg.add_argument("prompts", type=Path, metavar="PROMPTS_JSONL", help='one {"id", "prompt"} per line')
+    _add_generation_options(dpg, images=None, seeds=seeds)
+    for runner in (geneval, dpg):
+        runner.add_argument("--out", type=Path, required=True, help="output folder; a rerun resumes it")
+        runner.add_argument("--start", type=int, default=0, help="first prompt (line index) of this shard")
+        runner.add_argument("--limit", type=int, help="at most this many prompts from --start")
+        runner.add_argument("--batch-prompts", type=int, default=1, help="prompts decoded together")
+        runner.add_argument(
+            "--max-prompt-bytes", type=int, help="cut longer prompts to this many UTF-8 bytes (builtin and tiny: 48)"
+        )
+    fid = benches.add_parser("fid", help="FID and KID of generated images against reference images")
+    fid.add_argument("generated", type=Path, metavar="GENERATED", help="folder of generated images (recursive)")
+    fid.add_argument("reference", type=Path, metavar="REFERENCE", help="folder of reference images (recursive)")
+    fid.add_argument(
+        "--features",
+        choices=["inception", "efficientnet-lite0"],
+        default="inception",
+        help="inception: the standard FID (needs torch-fidelity and a weights download); "
+        "efficientnet-lite0: offline, a Fréchet distance in other features",
+    )
+    fid.add_argument("--inception-weights", type=Path, help="FID's Inception weights file, for offline use")
+    fid.add_argument("--glob", help="which generated files to read, e.g. '*/samples/*.png' for GenEval's layout")
+    fid.add_argument("--batch-size", type=int, default=64)
+    fid.add_argument("--kid-subsets", type=int, default=100)
+    fid.add_argument("--kid-subset-size", type=int, default=1000, help="capped by the smaller folder")
+    fid.add_argument("--out", type=Path, help="also write the JSON here")
+    bench.set_defaults(handler=_bench)
 
     world = sub.add_parser("world", help="the built-in world").add_subparsers(dest="world_command", required=True)
     world_report = world.add_parser("report", help="measure the checker, tokenizer and generator on held-out data")

@@ -56,13 +56,21 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def save_image(image: torch.Tensor, path: Path, metadata: dict) -> None:
-    """Write a PNG with its generation parameters in a text chunk and in a JSON sidecar beside it."""
+def save_image(image: torch.Tensor, path: Path, metadata: dict, sidecar: bool = True) -> None:
+    """Write a PNG with its generation parameters in a text chunk and (``sidecar``) in a JSON file beside it."""
     text = json.dumps(metadata, indent=2)
     info = PngImagePlugin.PngInfo()
     info.add_text("arrag", text)
-    to_pil(image).save(path, pnginfo=info)
-    path.with_suffix(".json").write_text(text)
+    to_pil(image).save(path, format="PNG", pnginfo=info)
+    if sidecar:
+        path.with_suffix(".json").write_text(text)
+
+
+def read_metadata(path: Path) -> dict:
+    """The generation parameters :func:`save_image` wrote into a PNG's text chunk ({} if there are none)."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}).get("arrag")
+    return json.loads(text) if text else {}
 
 
 def labelled_grid(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], scale: int = 3) -> Image.Image:
