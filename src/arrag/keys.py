@@ -9,7 +9,7 @@ Shapes: N images, R·C grid cells, P positions, n neighbours, d vector size per 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,10 +44,22 @@ def patch_keys(
     table = torch.as_tensor(neighbourhood.indices(grid), device=cell_vectors.device)  # (R·C, n)
     neighbours = table[torch.as_tensor(positions, device=cell_vectors.device)]  # (P, n)
     # An appended all-zero cell stands in for every neighbour that is off the grid.
-    unit = F.normalize(cell_vectors.float(), dim=-1)  # (N, R·C, d)
+    unit = unit_cells(cell_vectors)  # (N, R·C, d)
     padded = torch.cat([unit, unit.new_zeros(n_images, 1, dim)], dim=1)  # (N, R·C + 1, d)
     neighbours = torch.where(neighbours < 0, n_cells, neighbours)
     return padded[:, neighbours].flatten(2)  # (N, P, n·d)
+
+
+def unit_cells(cell_vectors: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., d) float32 unit vectors: what a key holds for each cell."""
+    return F.normalize(cell_vectors.float(), dim=-1)
+
+
+def unit_codebook(backend: Any) -> np.ndarray:
+    """(V, d) the cell vector of every token of ``backend`` (an :class:`arrag.backends.Backend`), exactly as
+    :func:`patch_keys` puts it in a key: the centroids of the codebook PQ."""
+    codes = torch.arange(backend.codebook_size, device=backend.device)
+    return unit_cells(backend.code_vectors(codes)).cpu().numpy()
 
 
 def key_dim(neighbourhood: Neighbourhood, cell_dim: int) -> int:
