@@ -203,12 +203,20 @@ def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
     return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
+def shard_template(template: faiss.Index) -> faiss.Index:
+    """An empty index to build one shard of a database in: a copy of the trained empty ``template``; for HNSW,
+    whose graphs cannot be merged, an id-mapped flat index whose keys :func:`merge_into` inserts into the graph."""
+    if _hnsw(template) is not None:
+        return faiss.IndexIDMap(faiss.IndexFlatL2(template.d))
+    return faiss.clone_index(template)
+
+
 def merge_into(base: faiss.Index, part: faiss.Index) -> None:
-    """Move every entry of ``part`` (made from the same trained template as ``base``) into ``base``."""
-    hnsw = _hnsw(part)
-    if hnsw is not None:  # graphs cannot be concatenated: insert the part's stored vectors
+    """Move every entry of ``part`` (a :func:`shard_template` of ``base``'s template) into ``base``."""
+    if _hnsw(base) is not None:
         if part.ntotal:
-            base.add_with_ids(hnsw.storage.reconstruct_n(0, part.ntotal), faiss.vector_to_array(part.id_map))
+            keys = faiss.downcast_index(part.index).reconstruct_n(0, part.ntotal)  # (M, D)
+            base.add_with_ids(keys, faiss.vector_to_array(part.id_map))
         return
     base.merge_from(part, 0)
 
