@@ -274,6 +274,10 @@ class PatchDatabase:
         indexes.add_entries(self.index, self.index_config, entries.keys, entries.ids, entries.cells)
         self.sources.extend(sources)
 
+    def train(self, keys: np.ndarray, seed: int = 0) -> None:
+        """Train the index's quantizers on (S, D) sample keys (IVF, PQ, OPQ; the codebook PQ's IVF only)."""
+        indexes.train(self.index, self.index_config, keys, seed)
+
     def set_search_params(self, params: str) -> None:
         """Search with other FAISS parameters (``nprobe=64``, ``efSearch=256``); saved with the database."""
         indexes.set_search_params(self.index, params)
