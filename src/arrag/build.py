@@ -45,7 +45,7 @@ from arrag.database import (
 from arrag.engines import ENGINES, EngineName, LocalEngine, RayEngine, make_engine
 from arrag.grid import Neighbourhood
 from arrag.indexes import IndexConfig
-from arrag.keys import KEY_SOURCES, KeySource, unit_codebook
+from arrag.keys import KEY_SOURCES, KeySource, code_table, unit_codebook
 from arrag.sources import ShardSpec, SourceConfig, plan_shards
 from arrag.stages import (
     STATE_DIR,
@@ -300,7 +300,7 @@ def _run(
     shards = [ShardSpec.from_dict(shard) for shard in plan["shards"]]
     resumed = sum(tokenized_record(directory, shard.index).exists() for shard in shards)
     report = BuildReport(shards=len(shards), shards_resumed=resumed, engine=config.engine, ignored=plan["ignored"])
-    codebook = unit_codebook(loaded) if spec.key_source == "codebook" else None
+    codes = code_table(loaded) if spec.key_source == "codebook" else None
 
     def tokenized_path(task: dict) -> Path:
         return tokenized_record(directory, task["index"])
@@ -320,9 +320,9 @@ def _run(
             )
         firsts = np.cumsum([plan["first_image"]] + [record["images"] for record in records])[:-1].tolist()
         clock = time.perf_counter()
-        template = _template(directory, plan, spec, index_config, codebook, records)
+        template = _template(directory, plan, spec, index_config, codes, records)
         report.stage_seconds["train"] = round(time.perf_counter() - clock, 3)
-        job = IndexJob(str(directory), spec, index_config, str(template), codebook)
+        job = IndexJob(str(directory), spec, index_config, str(template), codes)
         tasks = [{"shard": r["shard"], "first_image": f} for r, f in zip(records, firsts, strict=True) if r["images"]]
         clock = time.perf_counter()
         _run_stage(
@@ -367,7 +367,7 @@ def _template(
     plan: dict,
     spec: DatabaseSpec,
     config: IndexConfig,
-    codebook: np.ndarray | None,
+    codes: np.ndarray | None,
     records: list[dict],
 ) -> Path:
     """The trained empty index, made once per build (an add reuses the database's own)."""
@@ -378,11 +378,12 @@ def _template(
     if plan["kind"] == "add" and existing.exists():
         write_atomically(path, lambda tmp: shutil.copyfile(existing, tmp))
         return path
+    codebook = unit_codebook(codes) if codes is not None else None
     index = indexes.make_index(config, spec.key_dim, len(spec.neighbourhood.offsets), codebook)
     if not index.is_trained:
         if plan["kind"] == "add":
             raise ValueError(f"{directory} has no {TEMPLATE_FILE} to add to its {config.description} index")
-        job = IndexJob(str(directory), spec, config, "", codebook)
+        job = IndexJob(str(directory), spec, config, "", codes)
         sample = _training_sample(directory, job, records, config.train_size, plan["seed"])
         logger.info("training %s on %d keys", config.description, len(sample))
         indexes.train(index, config, sample, plan["seed"])
@@ -428,7 +429,8 @@ def _merge(
     if config.on_disk:
         ivfdata = directory / plan["ivfdata"]
         ivfdata.unlink(missing_ok=True)  # left by a merge that was killed
-        index = indexes.merge_on_disk(indexes.read_index(template), parts, ivfdata)
+        base_index = indexes.read_index(parts.pop(0)) if plan["kind"] == "add" else None
+        index = indexes.merge_on_disk(indexes.read_index(template), parts, ivfdata, base_index)
     else:
         index = indexes.read_index(parts.pop(0) if plan["kind"] == "add" else template)
         for part in tqdm(parts, desc="merge", unit="shard"):

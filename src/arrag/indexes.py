@@ -221,25 +221,24 @@ def merge_into(base: faiss.Index, part: faiss.Index) -> None:
     base.merge_from(part, 0)
 
 
-def merge_on_disk(template: faiss.Index, parts: list[Path], ivfdata: Path) -> faiss.Index:
+def merge_on_disk(
+    template: faiss.Index, parts: list[Path], ivfdata: Path, base: faiss.Index | None = None
+) -> faiss.Index:
     """Merge the inverted lists of IVF index files into ``ivfdata`` (memory-mapped) under ``template``.
 
-    As ``faiss.contrib.ondisk.merge_ondisk``, but the parts may themselves be on-disk indexes (read relative
-    to their own folder), which is how :func:`arrag.build.add_to_database` appends to an on-disk database.
+    As ``faiss.contrib.ondisk.merge_ondisk``: the part files are memory-mapped, not loaded. ``base``, an
+    open on-disk index, goes first: that is how :func:`arrag.build.add_to_database` grows an on-disk database
+    (its lists cannot be opened with ``IO_FLAG_MMAP``).
     """
     template_ivf = faiss.extract_index_ivf(template)
     if template.ntotal:
         raise ValueError("merge_on_disk needs an empty trained template")
-    lists = []
-    for path in parts:
-        part = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR)
-        part_ivf = faiss.extract_index_ivf(part)
-        lists.append(part_ivf.invlists)
-        part_ivf.own_invlists = False  # the lists must outlive their index object
-    merged = faiss.OnDiskInvertedLists(template_ivf.nlist, template_ivf.code_size, str(ivfdata))
+    opened = [base] if base is not None else []
+    opened += [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in parts]
     pointers = faiss.InvertedListsPtrVector()
-    for inverted in lists:
-        pointers.push_back(inverted)
+    for index in opened:  # kept open until the merge is done
+        pointers.push_back(faiss.extract_index_ivf(index).invlists)
+    merged = faiss.OnDiskInvertedLists(template_ivf.nlist, template_ivf.code_size, str(ivfdata))
     total = merged.merge_from_multiple(pointers.data(), pointers.size(), False)
     template.ntotal = template_ivf.ntotal = total
     template_ivf.replace_invlists(merged, True)

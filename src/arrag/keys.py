@@ -55,11 +55,17 @@ def unit_cells(cell_vectors: torch.Tensor) -> torch.Tensor:
     return F.normalize(cell_vectors.float(), dim=-1)
 
 
-def unit_codebook(backend: Any) -> np.ndarray:
-    """(V, d) the cell vector of every token of ``backend`` (an :class:`arrag.backends.Backend`), exactly as
-    :func:`patch_keys` puts it in a key: the centroids of the codebook PQ."""
+def code_table(backend: Any) -> np.ndarray:
+    """(V, d) ``backend.code_vectors`` of every token (any :class:`arrag.backends.Backend`): indexing it with
+    token ids gives exactly what ``code_vectors`` gives, so keys made from it equal decoding-time queries."""
     codes = torch.arange(backend.codebook_size, device=backend.device)
-    return unit_cells(backend.code_vectors(codes)).cpu().numpy()
+    return backend.code_vectors(codes).float().cpu().numpy()
+
+
+def unit_codebook(table: np.ndarray) -> np.ndarray:
+    """(V, d) code table -> (V, d) each token's cell vector exactly as :func:`patch_keys` puts it in a key:
+    the centroids of the codebook PQ."""
+    return unit_cells(torch.from_numpy(table)).numpy()
 
 
 def key_dim(neighbourhood: Neighbourhood, cell_dim: int) -> int:

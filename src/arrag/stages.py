@@ -213,14 +213,14 @@ class IndexJob:
     spec: DatabaseSpec
     index: IndexConfig
     template: str
-    codebook: np.ndarray | None = None  # (V, d) unit codebook: turns tokens into cell vectors for codebook keys
+    codes: np.ndarray | None = None  # (V, d) code vectors of every token (keys.code_table), for codebook keys
     chunk_images: int = 512  # images turned into keys at a time: bounds memory
 
     def cell_vectors(self, shard: TokenShard, start: int, stop: int) -> torch.Tensor:
         """(n, R·C, d) the vectors keys of images ``start:stop`` of ``shard`` are made of."""
         if self.spec.key_source == "latents":
             return torch.from_numpy(shard.latents[start:stop])
-        return torch.from_numpy(self.codebook[shard.tokens[start:stop]])
+        return torch.from_numpy(self.codes[shard.tokens[start:stop]])
 
 
 def shard_entries(job: IndexJob, shard: TokenShard, first_image: int) -> Iterator:
