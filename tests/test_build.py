@@ -242,6 +242,12 @@ def test_cli_build_add_and_info(folder, tmp_path, capsys):
         "metric": "squared-l2",
         "key_dim": 32,
     }
+    assert manifest["preprocessing"] == {
+        "size": 32,
+        "crop": "centre",
+        "resample": "bicubic",
+        "value_range": [-1.0, 1.0],
+    }
     assert f"entries: {14 * 42}" in info
     assert "bytes per entry" in info
     assert "token shards: 6" in info

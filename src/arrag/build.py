@@ -443,7 +443,9 @@ def _merge(
             token_shards.append({"file": record["file"], "first_image": first, "images": record["images"]})
         else:
             (directory / record["file"]).unlink(missing_ok=True)
-    database = PatchDatabase(spec, index, sources, config, token_shards=token_shards)
+    database = PatchDatabase(
+        spec, index, sources, config, token_shards=token_shards, preprocessing=plan["preprocessing"]
+    )
     database.save(directory)
     if not (directory / TEMPLATE_FILE).exists():
         write_atomically(directory / TEMPLATE_FILE, lambda tmp: shutil.copyfile(template, tmp))

@@ -215,7 +215,8 @@ class PatchDatabase:
     """Patch database over a FAISS index (exact ``Flat`` by default; see :mod:`arrag.indexes` for others).
 
     ``token_shards`` lists the Parquet token shards a sharded build wrote (``file``, ``first_image``,
-    ``images``); a database built in memory has none.
+    ``images``) and ``preprocessing`` how it prepared images for the tokenizer; a database built in memory
+    records neither.
     """
 
     def __init__(
@@ -226,6 +227,7 @@ class PatchDatabase:
         index_config: IndexConfig | None = None,
         codebook: np.ndarray | None = None,
         token_shards: list[dict] | None = None,
+        preprocessing: dict | None = None,
     ):
         """``index`` defaults to an empty index of ``index_config`` (``codebook``, (V, d) unit vectors: the
         codebook PQ's centroids)."""
@@ -241,6 +243,7 @@ class PatchDatabase:
             raise ValueError(f"index has dimension {self.index.d}, the spec's keys have {spec.key_dim}")
         self.sources: list[str] = list(sources or [])
         self.token_shards: list[dict] = list(token_shards or [])
+        self.preprocessing: dict = dict(preprocessing or {})
         indexes.set_search_params(self.index, self.index_config.search_params)
 
     def __len__(self) -> int:
@@ -317,6 +320,7 @@ class PatchDatabase:
                 "entries": len(self),
                 "entries_per_image": len(self.positions),
             },
+            "preprocessing": self.preprocessing,
             "token_shards": self.token_shards,
         }
 
@@ -348,7 +352,14 @@ class PatchDatabase:
         index = indexes.read_index(directory / INDEX_FILE)
         sources = json.loads((directory / SOURCES_FILE).read_text())
         config = IndexConfig.from_dict(manifest["index"])
-        database = cls(spec, index, sources, config, token_shards=manifest.get("token_shards", []))
+        database = cls(
+            spec,
+            index,
+            sources,
+            config,
+            token_shards=manifest.get("token_shards", []),
+            preprocessing=manifest.get("preprocessing", {}),
+        )
         counts = manifest["counts"]
         if len(database) != counts["entries"] or database.num_images != counts["images"]:
             raise ValueError(
