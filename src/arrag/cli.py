@@ -85,35 +85,69 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _db_build(args: argparse.Namespace) -> int:
-    from arrag.backends import load_backend
-    from arrag.build import build_database
-    from arrag.grid import Neighbourhood
+def _build_config(args: argparse.Namespace, **fields: object):
+    from arrag.build import BuildConfig
+    from arrag.sources import SourceConfig
 
-    backend = load_backend(args.backend, args.device, args.dtype)
-    report = build_database(
-        backend,
-        args.images,
-        args.out,
-        Neighbourhood(args.hops, args.missing),
-        args.key_source,
-        args.batch_size,
-        args.overwrite,
+    sources = SourceConfig(shard_size=args.shard_size, image_column=args.image_column)
+    return BuildConfig(sources=sources, batch_size=args.batch_size, engine=args.engine, address=args.address, **fields)
+
+
+def _print_report(verb: str, directory: Path, report) -> None:
+    print(
+        f"{verb} {directory}: {report.images_added} images, {report.entries} entries in {report.seconds:.1f} s "
+        f"({report.engine} engine; {report.index}, {report.bytes_per_entry:.1f} bytes per entry)"
     )
-    print(f"built {args.out}: {report.images_added} images, {report.entries} entries in {report.seconds:.1f} s")
+    if report.shards_resumed:
+        print(f"  resumed: {report.shards_resumed} of {report.shards} shards were already tokenized")
     for skipped in report.skipped:
         print(f"  skipped {skipped['path']}: {skipped['reason']}")
+    if report.ignored:
+        print(
+            f"  ignored {len(report.ignored)} files that are not images, tar or Parquet files (see build-report.json)"
+        )
+
+
+def _db_build(args: argparse.Namespace) -> int:
+    from arrag.backends import BackendRef
+    from arrag.build import build_database
+    from arrag.grid import Neighbourhood
+    from arrag.indexes import IndexConfig
+
+    index = IndexConfig(args.index, args.on_disk, args.search_params, args.train_size)
+    config = _build_config(
+        args, neighbourhood=Neighbourhood(args.hops, args.missing), key_source=args.key_source, index=index
+    )
+    backend = BackendRef(args.backend, args.device, args.dtype)
+    report = build_database(backend, args.images, args.out, config, overwrite=args.overwrite, resume=args.resume)
+    _print_report("built", args.out, report)
+    return 0
+
+
+def _db_add(args: argparse.Namespace) -> int:
+    from arrag.backends import BackendRef
+    from arrag.build import add_to_database
+    from arrag.database import read_manifest
+
+    name = args.backend or read_manifest(args.directory)["spec"]["backend"]
+    backend = BackendRef(name, args.device, args.dtype)
+    report = add_to_database(backend, args.images, args.directory, _build_config(args), resume=args.resume)
+    _print_report("added to", args.directory, report)
     return 0
 
 
 def _db_info(args: argparse.Namespace) -> int:
-    from arrag.database import INDEX_FILE, read_manifest
+    from arrag.database import index_bytes, read_manifest
 
     manifest = read_manifest(args.directory)
-    entries = manifest["counts"]["entries"]
-    index_bytes = (args.directory / INDEX_FILE).stat().st_size
+    shards = manifest.pop("token_shards", [])
     print(json.dumps(manifest, indent=2))
-    print(f"entries: {entries}  index size: {index_bytes} bytes  bytes per entry: {index_bytes / max(entries, 1):.1f}")
+    entries = manifest["counts"]["entries"]
+    size = index_bytes(args.directory)
+    print(f"entries: {entries}  index size: {size} bytes  bytes per entry: {size / max(entries, 1):.1f}")
+    if shards:
+        token_bytes = sum((args.directory / shard["file"]).stat().st_size for shard in shards)
+        print(f"token shards: {len(shards)} ({token_bytes} bytes)")
     return 0
 
 
@@ -261,6 +295,17 @@ def _add_generation_options(parser: argparse.ArgumentParser, images: int | None,
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="Janus weights")
 
 
+def _add_engine_options(command: argparse.ArgumentParser) -> None:
+    """Options of db build and db add: engine, sharding, tokenizer batch, device."""
+    command.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data (arrag[scale])")
+    command.add_argument("--address", help="ray: the cluster to join (HOST:PORT or auto); default: start Ray here")
+    command.add_argument("--shard-size", type=int, default=1000, help="image files per shard")
+    command.add_argument("--image-column", help="Parquet column with the image bytes (default: image, jpg, ...)")
+    command.add_argument("--batch-size", type=int, default=32, help="images per tokenizer call")
+    command.add_argument("--device", default="cpu")
+    command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="Janus weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrag", description="Autoregressive retrieval augmentation (AR-RAG)")
     parser.add_argument("--version", action="version", version=f"arrag {__version__}")
@@ -275,7 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="patch databases").add_subparsers(dest="db_command", required=True)
     build = db.add_parser("build", help="images -> patch database through a backend's tokenizer")
-    build.add_argument("images", nargs="+", type=Path, metavar="IMAGES", help="image files or folders (recursive)")
+    build.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGES",
+        help="image files, folders (recursive: PNG, JPEG, WebP, ..., WebDataset .tar, .parquet), or world:N",
+    )
     build.add_argument("--out", type=Path, required=True)
     build.add_argument("--backend", default="builtin", help="builtin, tiny, a Janus-Pro hub id or folder")
     build.add_argument("--hops", type=int, default=1, help="causal neighbourhood radius (1: the paper's L)")
@@ -286,11 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="positions with neighbours off the grid: no entry (paper's code) or zero-padded",
     )
     build.add_argument("--key-source", choices=["codebook", "latents"], default="codebook")
-    build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument(
+        "--index",
+        default="Flat",
+        help="Flat, CodebookPQ, IVF<n>,CodebookPQ (exact distances, compressed), or a FAISS factory string "
+        "such as OPQ8,IVF4096,PQ8 or HNSW32",
+    )
+    build.add_argument("--on-disk", action="store_true", help="IVF indexes: inverted lists in a memory-mapped file")
+    build.add_argument("--search-params", default="", help="FAISS search parameters, e.g. nprobe=32 or efSearch=128")
+    build.add_argument("--train-size", type=int, default=100_000, help="keys sampled to train the index")
     build.add_argument("--overwrite", action="store_true", help="replace an existing database at --out")
-    build.add_argument("--device", default="cpu")
-    build.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="Janus weights")
+    build.add_argument("--resume", action="store_true", help="finish an interrupted build of the same command")
+    _add_engine_options(build)
+    add = db.add_parser("add", help="append images to an existing patch database")
+    add.add_argument("directory", type=Path, metavar="DB")
+    add.add_argument("images", nargs="+", metavar="IMAGES", help="as for db build")
+    add.add_argument("--backend", help="default: the database's backend")
+    add.add_argument("--resume", action="store_true", help="finish an interrupted add of the same command")
+    _add_engine_options(add)
     build.set_defaults(handler=_db_build)
+    add.set_defaults(handler=_db_add)
 
     info = db.add_parser("info", help="print a database's manifest and size")
     info.add_argument("directory", type=Path)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from arrag.backends.base import StepLogits
 from arrag.grid import Grid
-from arrag.images import center_crop
+from arrag.images import Preprocessing
 from arrag.keys import codebook_fingerprint
 from arrag.models.transformer import (
     ImageTransformer,
@@ -75,6 +75,7 @@ class BuiltinBackend:
         self.codebook_size = self.vq.config.codebook_size
         self.cell_dim = self.vq.config.code_dim
         self.image_size = self.vq.config.image_size
+        self.preprocessing = Preprocessing(self.image_size)  # [-1, 1] centre crops, as the VQ was trained
         self.codebook_fingerprint = codebook_fingerprint(self.vq.codebook.weight)
 
     def start(self, prompts: Sequence[str], guidance_scale: float) -> BuiltinSession:
@@ -85,7 +86,7 @@ class BuiltinBackend:
         return self.vq.normalised_codebook()[tokens.to(self.device)]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return center_crop(image, self.image_size)
+        return self.preprocessing(image)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
