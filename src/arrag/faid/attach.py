@@ -115,6 +115,7 @@ class FaidHooks:
         for name in names:  # peft's layers compute with the adapter's own factors
             layer, factors = self.target.model.get_submodule(name), self.adapter.lora[lora_key(name)]
             layer.lora_A["default"], layer.lora_B["default"] = factors["A"], factors["B"]
+            layer.train(layer.base_layer.training)  # new modules start in training mode: LoRA dropout would run
         return lora
 
     def detach(self) -> None:
