@@ -210,7 +210,7 @@ def test_detach_restores_the_base_model(faid_backend):
 def test_memoised_retrievals_equal_direct_searches(backend, database):
     tokens = torch.randint(0, backend.codebook_size, (3, backend.grid.size), generator=torch.Generator().manual_seed(2))
     tokens[1] = tokens[0]  # repeated neighbourhoods come from the memo
-    search = MemoisedSearch(database, 5)
+    search = MemoisedSearch(database, 5, probes=None)
     candidates, valid = retrievals(backend, search, tokens)
     spec = database.spec
     keys = patch_keys(backend.code_vectors(tokens), database.positions, spec.grid, spec.neighbourhood)  # (B, P, D)
@@ -219,6 +219,17 @@ def test_memoised_retrievals_equal_direct_searches(backend, database):
     assert valid[:, database.positions].all()
     ineligible = np.setdiff1d(np.arange(backend.grid.size), database.positions)
     assert not valid[:, ineligible].any()
+
+
+def test_the_training_ivf_probes_what_it_is_told(backend, database):
+    """With every cell probed the IVF copy finds the exact distances; with one cell it misses some."""
+    queries = np.random.default_rng(0).normal(size=(200, database.spec.key_dim)).astype(np.float32)
+    exact = database.search(torch.from_numpy(queries), 5).distances
+    every = MemoisedSearch(database, 5, probes=64, lists=8)
+    assert every.index.nprobe == 8  # capped at the number of cells, on the IVF index itself
+    torch.testing.assert_close(every.nearest(queries)[0], exact, rtol=1e-5, atol=1e-5)
+    one = MemoisedSearch(database, 5, probes=1, lists=8)
+    assert (one.nearest(queries)[0] > exact + 1e-4).any()
 
 
 pytest.importorskip("peft")

@@ -1,7 +1,8 @@
 """``arrag demo``: the whole idea on a laptop CPU in about a minute.
 
-The built-in model draws a handful of the built-in world's prompts twice with the same seeds, once alone
-and once with DAiD over a patch database of real handwriting (built on first use, then cached). The world's
+The built-in model draws a handful of the built-in world's prompts with the same seeds, once alone, once with
+DAiD over a patch database of real handwriting (built on first use, then cached) and, where the install ships
+a trained FAiD adapter, once with FAiD. The world's
 checker judges every image; a side-by-side grid and a JSON summary are written.
 """
 
@@ -18,6 +19,7 @@ from PIL import Image, ImageDraw
 from arrag.backends import load_backend
 from arrag.config import GenerationConfig, RetrievalConfig
 from arrag.decoding.loop import generate
+from arrag.faid.files import shipped_adapter
 from arrag.world.database import world_database
 from arrag.world.prompts import sample_prompts
 from arrag.world.report import load_checker
@@ -68,6 +70,15 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
             database,
         ),
     }
+    adapter = shipped_adapter(backend)
+    if adapter is not None:  # FAiD joins when this install ships a trained adapter
+        runs["faid"] = generate(
+            backend,
+            texts,
+            GenerationConfig(method="faid", num_images_per_prompt=n, seed=config.seed),
+            database,
+            faid=adapter,
+        )
     rows, summary_images = [], []
     for row in range(len(texts) * n):
         prompt = prompts[row // n]
@@ -90,7 +101,7 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
         rows.append((prompt.text, cells))
     config.out.mkdir(parents=True, exist_ok=True)
     width = 64 * SCALE
-    grid = Image.new("RGB", (2 * width + 8, len(rows) * (width + 30)), (0, 0, 0))
+    grid = Image.new("RGB", (len(runs) * (width + 8), len(rows) * (width + 30)), (0, 0, 0))
     draw = ImageDraw.Draw(grid)
     for i, (text, cells) in enumerate(rows):
         top = i * (width + 30)
