@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from arrag import __version__
+from arrag.config import METHODS
 
 if TYPE_CHECKING:
     from arrag.backends.base import Backend
     from arrag.config import GenerationConfig
     from arrag.database import PatchDatabase
+    from arrag.faid.blender import FaidAdapter
 
 
 def _generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -36,18 +38,28 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
     )
 
 
-def _backend_and_database(args: argparse.Namespace, method: str) -> tuple[Backend, PatchDatabase | None]:
-    """The backend (default: the database's, else builtin) and, for DAiD, the database checked against it."""
+def _backend_and_database(
+    args: argparse.Namespace, method: str
+) -> tuple[Backend, PatchDatabase | None, FaidAdapter | None]:
+    """The backend (default: the database's, else builtin), for retrieval the database checked against it, and
+    for FAiD the adapter (--faid, else the one shipped for the backend)."""
     from arrag.backends import load_backend
     from arrag.database import PatchDatabase, read_manifest
 
     backend_name = args.backend or (read_manifest(args.db)["spec"]["backend"] if args.db else "builtin")
     backend = load_backend(backend_name, args.device, args.dtype)
     database = None
-    if args.db and method == "daid":
+    if args.db and method != "none":
         database = PatchDatabase.load(args.db)
         database.check_backend(backend)
-    return backend, database
+    adapter = None
+    if "faid" in method:
+        from arrag.faid.files import load_adapter, shipped_adapter
+
+        adapter = load_adapter(args.faid, backend) if args.faid else shipped_adapter(backend)
+        if adapter is None:
+            raise ValueError(f"--method {method} needs --faid DIR (no FAiD adapter is shipped for {backend.name})")
+    return backend, database, adapter
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -55,19 +67,19 @@ def _generate(args: argparse.Namespace) -> int:
     from arrag.images import save_image
 
     config = _generation_config(args)
-    backend, database = _backend_and_database(args, config.method)
-    output = generate(backend, args.prompts, config, database)
+    backend, database, adapter = _backend_and_database(args, config.method)
+    output = generate(backend, args.prompts, config, database, faid=adapter)
     args.out.mkdir(parents=True, exist_ok=True)
     n = config.num_images_per_prompt
     for row, (prompt, seed) in enumerate(zip(output.prompts, output.seeds, strict=True)):
         records = output.records
         image_ids = records.image_ids[row].tolist()
-        sorted(set(image_ids) - {-1})
         metadata = {
             "prompt": prompt,
             "seed": seed,
             "backend": backend.name,
             "database": str(args.db) if database is not None else None,
+            "faid": (str(args.faid) if args.faid else "shipped") if adapter is not None else None,
             "arrag_version": __version__,
             "config": config.to_dict(),
             "tokens": output.tokens[row].tolist(),
@@ -151,11 +163,77 @@ def _db_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_faid(args: argparse.Namespace, command: str) -> None:
+    import numpy as np
+
+    from arrag.faid.blender import FaidConfig
+    from arrag.faid.train import train_faid, train_world_faid
+    from arrag.training import TrainConfig
+
+    config = FaidConfig(
+        hops=tuple(args.hops),
+        blenders=args.blenders,
+        k=args.k,
+        lora_rank=args.lora_rank,
+        train_head=not args.frozen_head,
+    )
+    common = {
+        "query_source": args.query_source,
+        "caption_dropout": args.caption_dropout,
+        "probes": args.probes or None,
+    }
+    if args.backend == "builtin":
+        train_world_faid(
+            args.out,
+            args.steps,
+            config,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            accumulation=args.accumulation,
+            scenes=args.scenes,
+            database_dir=args.db,
+            seed=args.seed,
+            command=command,
+            **common,
+        )
+        return
+    from arrag.backends import load_backend
+    from arrag.database import PatchDatabase
+
+    if args.data is None or args.db is None:
+        raise ValueError("FAiD for a backend other than builtin needs --data NPZ (captions, tokens) and --db DIR")
+    backend = load_backend(args.backend, args.device, args.dtype)
+    data = np.load(args.data)
+    train_config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=max(1, args.steps // 10),
+        accumulation=args.accumulation,
+        checkpoint_every=50,
+        seed=args.seed,
+    )
+    description = {"command": command, "database": str(args.db), "data": str(args.data)}
+    train_faid(
+        backend,
+        [str(c) for c in data["captions"]],
+        data["tokens"],
+        PatchDatabase.load(args.db),
+        args.out,
+        config,
+        train_config,
+        description=description,
+        **common,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from arrag.world import train
 
     command = " ".join(["arrag", *sys.argv[1:]])
-    if args.what == "generator":
+    if args.what == "faid":
+        _train_faid(args, command)
+    elif args.what == "generator":
         if args.tokenizer is None:
             raise ValueError("arrag train generator needs --tokenizer DIR (a trained tokenizer's folder)")
         schedule = {} if args.learning_rate is None else {"learning_rate": args.learning_rate, "warmup_steps": 50}
@@ -182,7 +260,8 @@ def _demo(args: argparse.Namespace) -> int:
         **({"cache": args.cache} if args.cache else {}),
     )
     summary = run_demo(config)
-    print(f"grid:    {config.out / 'grid.png'}   (left: model alone, right: with DAiD; same seeds)")
+    columns = ", ".join(summary["fraction_correct"])
+    print(f"grid:    {config.out / 'grid.png'}   (columns: {columns}; same seeds)")
     print(f"summary: {config.out / 'summary.json'}")
     for method, score in summary["fraction_correct"].items():
         print(f"  {method:5s} judged correct by the world's checker: {score:.0%}")
@@ -252,12 +331,12 @@ def _bench(args: argparse.Namespace) -> int:
     from arrag.bench.runner import BenchConfig
 
     config = BenchConfig(_generation_config(args), args.start, args.limit, args.batch_prompts, args.max_prompt_bytes)
-    backend, database = _backend_and_database(args, config.generation.method)
+    backend, database, adapter = _backend_and_database(args, config.generation.method)
     where = args.db if database is not None else None
     if args.bench_command == "geneval":
-        summary = run_geneval(args.prompts, args.out, backend, config, database, where, args.grid)
+        summary = run_geneval(args.prompts, args.out, backend, config, database, where, args.grid, adapter)
     else:
-        summary = run_dpg(args.prompts, args.out, backend, config, database, where)
+        summary = run_dpg(args.prompts, args.out, backend, config, database, where, adapter)
     print(
         f"{args.out}: {len(summary.generated)} prompts generated, {len(summary.skipped)} already finished "
         f"({summary.seconds:.0f} s)"
@@ -271,7 +350,8 @@ def _add_generation_options(parser: argparse.ArgumentParser, images: int | None,
         "--backend", help="builtin, tiny, a Janus-Pro hub id or folder (default: the database's, else builtin)"
     )
     parser.add_argument("--db", type=Path, help="patch database directory (arrag db build)")
-    parser.add_argument("--method", choices=["none", "daid"], help="default: daid with --db, else none")
+    parser.add_argument("--method", choices=list(METHODS), help="default: daid with --db, else none")
+    parser.add_argument("--faid", type=Path, help="FAiD adapter folder (default for builtin: the shipped adapter)")
     parser.add_argument("--lambda", dest="lam", type=float, default=0.3, help="retrieval weight λ in [0, 1]")
     parser.add_argument("--tau", type=float, default=1.0, help="retrieval temperature τ > 0")
     parser.add_argument("--k", type=int, default=2048, help="neighbours retrieved per position")
@@ -425,13 +505,31 @@ def build_parser() -> argparse.ArgumentParser:
     world_report.set_defaults(handler=_world_report)
 
     trainer = sub.add_parser("train", help="train the built-in world's models (resumes from --out)")
-    trainer.add_argument("what", choices=["classifier", "tokenizer", "generator"])
+    trainer.add_argument("what", choices=["classifier", "tokenizer", "generator", "faid"])
     trainer.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, weights, config")
     trainer.add_argument("--steps", type=int, required=True)
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--tokenizer", type=Path, help="trained tokenizer folder (for the generator)")
     trainer.add_argument("--init", type=Path, help="start the generator from a trained generator folder's weights")
     trainer.add_argument("--learning-rate", type=float, help="generator peak learning rate (default 1e-3)")
+    faid = trainer.add_argument_group("faid", "FAiD adapter training (arrag train faid)")
+    faid.add_argument("--backend", default="builtin", help="builtin (the world's data), or a Janus-Pro id / folder")
+    faid.add_argument("--data", type=Path, help="npz with 'captions' (N,) and 'tokens' (N, R·C), for other backends")
+    faid.add_argument("--db", type=Path, help="patch database (builtin: where the world's one is built / cached)")
+    faid.add_argument("--query-source", choices=["ground_truth", "sampled"], default="ground_truth")
+    faid.add_argument("--k", type=int, default=10, help="retrieved candidates per position")
+    faid.add_argument("--probes", type=int, default=16, help="IVF cells searched per training query (0: exact)")
+    faid.add_argument("--blenders", type=int, default=2, help="blender layers b, evenly spaced")
+    faid.add_argument("--hops", type=int, nargs="+", default=[1, 2])
+    faid.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the attention projections (0: none)")
+    faid.add_argument("--frozen-head", action="store_true", help="do not fine-tune the image-token head")
+    faid.add_argument("--batch-size", type=int, default=16)
+    faid.add_argument("--accumulation", type=int, default=1)
+    faid.add_argument("--lr", type=float, default=1e-3)
+    faid.add_argument("--caption-dropout", type=float, default=0.1)
+    faid.add_argument("--scenes", type=int, default=5000, help="builtin: training scenes from the train pool")
+    faid.add_argument("--device", default="cpu")
+    faid.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     trainer.set_defaults(handler=_train)
     return parser
 

@@ -7,7 +7,8 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Method = Literal["none", "daid"]
+Method = Literal["none", "daid", "faid", "faid+daid"]
+METHODS: tuple[Method, ...] = ("none", "daid", "faid", "faid+daid")
 Duplicates = Literal["nearest", "sum"]
 FilterOrder = Literal["after_merge", "before_merge"]
 
@@ -72,7 +73,11 @@ class RetrievalConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """One generation request: every prompt gets ``num_images_per_prompt`` rows, row i seeded ``seed + i``."""
+    """One generation request: every prompt gets ``num_images_per_prompt`` rows, row i seeded ``seed + i``.
+
+    ``method``: ``daid`` mixes retrieved tokens into the distribution; ``faid`` feeds them to a FAiD adapter's
+    blenders; ``faid+daid`` does both from one search.
+    """
 
     method: Method = "none"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -81,8 +86,8 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("none", "daid"):
-            raise ValueError(f"method must be 'none' or 'daid', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}")
 

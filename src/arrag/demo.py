@@ -1,7 +1,8 @@
 """``arrag demo``: the whole idea on a laptop CPU in about a minute.
 
-The built-in model draws a handful of the built-in world's prompts twice with the same seeds, once alone
-and once with DAiD over a patch database of real handwriting (built on first use, then cached). The world's
+The built-in model draws a handful of the built-in world's prompts with the same seeds, once alone, once with
+DAiD over a patch database of real handwriting (built on first use, then cached) and, where the install ships
+a trained FAiD adapter, once with FAiD. The world's
 checker judges every image; a side-by-side grid and a JSON summary are written.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from arrag.backends import load_backend
 from arrag.config import GenerationConfig, RetrievalConfig
 from arrag.decoding.loop import generate
+from arrag.faid.files import shipped_adapter
 from arrag.images import labelled_grid
 from arrag.world.database import CACHE_DIR, world_database, world_database_dir
 from arrag.world.prompts import sample_prompts
@@ -59,6 +61,15 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
             database,
         ),
     }
+    adapter = shipped_adapter(backend)
+    if adapter is not None:  # FAiD joins when this install ships a trained adapter
+        runs["faid"] = generate(
+            backend,
+            texts,
+            GenerationConfig(method="faid", num_images_per_prompt=n, seed=config.seed),
+            database,
+            faid=adapter,
+        )
     rows, summary_images = [], []
     for row in range(len(texts) * n):
         prompt = prompts[row // n]
@@ -83,6 +94,15 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
     scores = {
         method: sum(im["correct"] for im in summary_images if im["method"] == method) / len(rows) for method in runs
     }
+    adapter = shipped_adapter(backend)
+    if adapter is not None:  # FAiD joins when this install ships a trained adapter
+        runs["faid"] = generate(
+            backend,
+            texts,
+            GenerationConfig(method="faid", num_images_per_prompt=n, seed=config.seed),
+            database,
+            faid=adapter,
+        )
     summary = {
         "backend": backend.name,
         "database": str(database_dir),

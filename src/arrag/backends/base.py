@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
 from arrag.grid import Grid
 from arrag.images import Preprocessing
+
+if TYPE_CHECKING:
+    from arrag.database import Neighbours
+    from arrag.faid.attach import FaidHooks, FaidTarget
 
 
 @dataclass
@@ -28,8 +32,11 @@ class StepLogits:
 class Session(Protocol):
     """Decoding state of one batch of prompts (KV cache, CFG layout)."""
 
-    def step(self, previous: torch.Tensor | None) -> StepLogits:
-        """Feed the tokens sampled at the previous step, (B,) or None at the first step; get the next logits."""
+    def step(self, previous: torch.Tensor | None, retrieved: Neighbours | None = None) -> StepLogits:
+        """Feed the tokens sampled at the previous step, (B,) or None at the first step; get the next logits.
+
+        ``retrieved`` (B rows × K) feeds a session started with FAiD hooks; None: nothing retrieved this step.
+        """
         ...
 
 
@@ -46,7 +53,18 @@ class Backend(Protocol):
     codebook_fingerprint: str
     device: torch.device
 
-    def start(self, prompts: Sequence[str], guidance_scale: float) -> Session: ...
+    def start(self, prompts: Sequence[str], guidance_scale: float, faid: FaidHooks | None = None) -> Session: ...
+
+    def faid_target(self) -> FaidTarget:
+        """The decoder layers and image-token paths a FAiD adapter attaches to."""
+        ...
+
+    def teacher_forced_logits(
+        self, prompts: Sequence[str], tokens: torch.Tensor, unconditional: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, V) next-token logits under teacher forcing; ``unconditional`` (B,) rows get
+        guidance's unconditional prompt."""
+        ...
 
     def code_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
         """(...) token ids -> (..., d) L2-normalised codebook vectors."""

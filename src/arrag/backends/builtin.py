@@ -12,6 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from arrag.backends.base import StepLogits
+from arrag.database import Neighbours
+from arrag.faid.attach import FaidHooks, FaidTarget
 from arrag.grid import Grid
 from arrag.images import Preprocessing
 from arrag.keys import codebook_fingerprint
@@ -28,8 +30,15 @@ from arrag.training import CONFIG_FILE, WEIGHTS_FILE
 class BuiltinSession:
     """Conditional and unconditional rows stacked as halves of one batch, with one KV cache."""
 
-    def __init__(self, model: ImageTransformer, prompts: Sequence[str], guidance: bool, device: torch.device):
-        self.model = model
+    def __init__(
+        self,
+        model: ImageTransformer,
+        prompts: Sequence[str],
+        guidance: bool,
+        device: torch.device,
+        faid: FaidHooks | None = None,
+    ):
+        self.model, self.faid, self.position = model, faid, 0
         self.batch = len(prompts)
         max_len = model.config.max_text_len
         text = encode_captions(list(prompts), max_len)  # (B, L+1)
@@ -38,8 +47,13 @@ class BuiltinSession:
         self.text: torch.Tensor | None = text.to(device)
         self.guidance = guidance
         self.cache = model.new_cache(text.shape[0])
+        if faid is not None:
+            faid.begin(text.shape[0])
 
-    def step(self, previous: torch.Tensor | None) -> StepLogits:
+    def step(self, previous: torch.Tensor | None, retrieved: Neighbours | None = None) -> StepLogits:
+        if self.faid is not None:
+            self.faid.prepare_step(self.position, retrieved, self.batch)
+        self.position += 1
         if previous is None:
             logits = self.model(self.text, None, self.cache)[:, -1]  # (B or 2B, V)
         else:
@@ -78,8 +92,33 @@ class BuiltinBackend:
         self.preprocessing = Preprocessing(self.image_size)  # [-1, 1] centre crops, as the VQ was trained
         self.codebook_fingerprint = codebook_fingerprint(self.vq.codebook.weight)
 
-    def start(self, prompts: Sequence[str], guidance_scale: float) -> BuiltinSession:
-        return BuiltinSession(self.transformer, prompts, guidance_scale != 1.0, self.device)
+    def start(self, prompts: Sequence[str], guidance_scale: float, faid: FaidHooks | None = None) -> BuiltinSession:
+        return BuiltinSession(self.transformer, prompts, guidance_scale != 1.0, self.device, faid)
+
+    def faid_target(self) -> FaidTarget:
+        model = self.transformer
+        return FaidTarget(
+            model=model,
+            attention=[block.attention for block in model.blocks],
+            embed=model.image_embedding,
+            head_owner=model,
+            head_name="head",
+            lora_pattern=r"blocks\.\d+\.attention\.(qkv|out)",
+            width=model.config.width,
+            grid=self.grid,
+        )
+
+    def teacher_forced_logits(
+        self, prompts: Sequence[str], tokens: torch.Tensor, unconditional: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) ground-truth tokens -> (B, T, V) logits of every image position given the tokens before it.
+
+        Rows where ``unconditional`` is True see the empty caption that guidance contrasts with.
+        """
+        model = self.transformer
+        texts = ["" if unconditional is not None and bool(unconditional[i]) else p for i, p in enumerate(prompts)]
+        text = encode_captions(texts, model.config.max_text_len).to(self.device)  # (B, L+1)
+        return model(text, tokens[:, :-1].to(self.device))[:, -tokens.shape[1] :]  # (B, T, V)
 
     @torch.no_grad()
     def code_vectors(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ from PIL import Image
 from transformers import AutoProcessor, DynamicCache, JanusForConditionalGeneration
 
 from arrag.backends.base import StepLogits
+from arrag.database import Neighbours
+from arrag.faid.attach import FaidHooks, FaidTarget
 from arrag.grid import Grid
 from arrag.images import Preprocessing
 from arrag.keys import codebook_fingerprint
@@ -33,25 +35,40 @@ JANUS_DEFAULT_GUIDANCE = 5.0  # transformers' and Janus's default CFG weight
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def unconditional_ids(model: JanusForConditionalGeneration, input_ids: torch.Tensor) -> torch.Tensor:
+    """Guidance's unconditional prompts: every token but BOS and begin-of-image replaced by padding (B, L)."""
+    config = model.generation_config
+    special = (input_ids == config.bos_token_id) | (input_ids == config.generation_kwargs["boi_token_id"])
+    return input_ids.masked_fill(~special, config.pad_token_id)
+
+
 class JanusSession:
     """One batch of prompts: conditional rows first, unconditional rows second (transformers' layout)."""
 
     def __init__(
-        self, model: JanusForConditionalGeneration, input_ids: torch.Tensor, mask: torch.Tensor, guidance: bool
+        self,
+        model: JanusForConditionalGeneration,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        guidance: bool,
+        faid: FaidHooks | None = None,
     ):
-        config = model.generation_config
         if not mask[:, -1].all():
             raise ValueError("Janus prompts must be left-padded: the last position of every row must be a real token")
         self.model, self.guidance, self.batch = model, guidance, input_ids.shape[0]
         if guidance:
-            special = (input_ids == config.bos_token_id) | (input_ids == config.generation_kwargs["boi_token_id"])
-            uncond = input_ids.masked_fill(~special, config.pad_token_id)  # (B, L)
-            input_ids, mask = torch.cat([input_ids, uncond]), torch.cat([mask, mask])  # (2B, L)
+            input_ids, mask = torch.cat([input_ids, unconditional_ids(model, input_ids)]), torch.cat([mask, mask])
         self.pending = model.get_input_embeddings()(input_ids)  # (B or 2B, L, D)
         self.mask = mask
         self.cache = DynamicCache(config=model.config.get_text_config())
+        self.faid, self.position = faid, 0
+        if faid is not None:
+            faid.begin(input_ids.shape[0])
 
-    def step(self, previous: torch.Tensor | None) -> StepLogits:
+    def step(self, previous: torch.Tensor | None, retrieved: Neighbours | None = None) -> StepLogits:
+        if self.faid is not None:
+            self.faid.prepare_step(self.position, retrieved, self.batch)
+        self.position += 1
         if previous is not None:
             fed = torch.cat([previous, previous]) if self.guidance else previous  # (B or 2B,)
             self.pending = self.model.prepare_embeddings_for_image_generation(fed[:, None])  # (.., 1, D)
@@ -106,9 +123,49 @@ class JanusBackend:
         )
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def start(self, prompts: Sequence[str], guidance_scale: float) -> JanusSession:
+    def start(self, prompts: Sequence[str], guidance_scale: float, faid: FaidHooks | None = None) -> JanusSession:
         input_ids, mask = self.prompt_ids(prompts)
-        return JanusSession(self.model, input_ids, mask, guidance_scale != 1.0)
+        return JanusSession(self.model, input_ids, mask, guidance_scale != 1.0, faid)
+
+    def faid_target(self) -> FaidTarget:
+        language_model = self.model.model.language_model
+        return FaidTarget(
+            model=self.model,
+            attention=[layer.self_attn for layer in language_model.layers],
+            embed=self.model.prepare_embeddings_for_image_generation,
+            head_owner=self.model.model,
+            head_name="generation_head",
+            # The language model only: the vision tower has q/k/v projections too.
+            lora_pattern=r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+            width=language_model.config.hidden_size,
+            grid=self.grid,
+        )
+
+    def teacher_forced_logits(
+        self, prompts: Sequence[str], tokens: torch.Tensor, unconditional: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) ground-truth tokens -> (B, T, V) logits of every image position given the tokens before it.
+
+        Rows where ``unconditional`` is True get the unconditional prompt of guidance (padding but for BOS and
+        begin-of-image), as :class:`JanusSession` builds it.
+        """
+        input_ids, mask = self.prompt_ids(prompts)
+        if unconditional is not None:
+            dropped = unconditional.to(self.device)[:, None]  # (B, 1)
+            input_ids = torch.where(dropped, unconditional_ids(self.model, input_ids), input_ids)
+        embeds = torch.cat(
+            [
+                self.model.get_input_embeddings()(input_ids),  # (B, L, D)
+                self.model.prepare_embeddings_for_image_generation(tokens[:, :-1].to(self.device)),  # (B, T-1, D)
+            ],
+            dim=1,
+        )
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - 1)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+        ).last_hidden_state  # (B, L+T-1, D)
+        return self.model.model.generation_head(hidden[:, -tokens.shape[1] :]).float()  # (B, T, V)
 
     def _normalised_codebook(self) -> torch.Tensor:
         return F.normalize(self.model.model.vqmodel.quantize.embedding.weight.float(), dim=-1)  # (V, d)

@@ -16,6 +16,7 @@ import torch
 from arrag.backends.base import Backend
 from arrag.bench.runner import BenchConfig, Job, RunSummary, read_jsonl, run_jobs, save_atomic, tile
 from arrag.database import PatchDatabase
+from arrag.faid.blender import FaidAdapter
 
 IMAGES_PER_PROMPT = 4  # the scorer's 2×2 crops
 GRID_COLUMNS = 2
@@ -55,6 +56,7 @@ def run_dpg(
     config: BenchConfig,
     database: PatchDatabase | None = None,
     database_path: Path | None = None,
+    faid: FaidAdapter | None = None,
 ) -> RunSummary:
     """Generate the unfinished prompts of ``config``'s shard into ``out`` as 2×2 grids."""
     if config.generation.num_images_per_prompt != IMAGES_PER_PROMPT:
@@ -62,4 +64,6 @@ def run_dpg(
             f"DPG-Bench grids hold {IMAGES_PER_PROMPT} images per prompt, "
             f"got num_images_per_prompt={config.generation.num_images_per_prompt}"
         )
-    return run_jobs(read_dpg_prompts(prompts_file), backend, config, DpgLayout(Path(out)), database, database_path)
+    return run_jobs(
+        read_dpg_prompts(prompts_file), backend, config, DpgLayout(Path(out)), database, database_path, faid
+    )

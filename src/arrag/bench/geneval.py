@@ -22,6 +22,7 @@ import torch
 from arrag.backends.base import Backend
 from arrag.bench.runner import BenchConfig, Job, RunSummary, read_jsonl, run_jobs, save_atomic, tile
 from arrag.database import PatchDatabase
+from arrag.faid.blender import FaidAdapter
 
 
 def read_geneval_prompts(path: Path) -> list[Job]:
@@ -69,8 +70,9 @@ def run_geneval(
     database: PatchDatabase | None = None,
     database_path: Path | None = None,
     grid: bool = False,
+    faid: FaidAdapter | None = None,
 ) -> RunSummary:
     """Generate the unfinished prompts of ``config``'s shard into ``out``, in GenEval's layout."""
     jobs = read_geneval_prompts(metadata_file)
     layout = GenEvalLayout(Path(out), config.generation.num_images_per_prompt, grid)
-    return run_jobs(jobs, backend, config, layout, database, database_path)
+    return run_jobs(jobs, backend, config, layout, database, database_path, faid)

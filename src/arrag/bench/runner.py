@@ -26,6 +26,7 @@ from arrag.backends.base import Backend
 from arrag.config import GenerationConfig
 from arrag.database import PatchDatabase
 from arrag.decoding.loop import generate
+from arrag.faid.blender import FaidAdapter
 from arrag.images import read_metadata, save_image
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def run_jobs(
     layout: Layout,
     database: PatchDatabase | None = None,
     database_path: Path | None = None,
+    faid: FaidAdapter | None = None,
 ) -> RunSummary:
     """Generate the images of every unfinished job of the shard and hand them to ``layout``."""
     began = time.perf_counter()
@@ -176,7 +178,7 @@ def run_jobs(
         batch = pending[first : first + config.batch_prompts]
         seeds = [seed for job in batch for seed in seeds_for(job, generation)]
         prompts = [clip_prompt(job.prompt, config.max_prompt_bytes) for job in batch]
-        output = generate(backend, prompts, generation, database, seeds)
+        output = generate(backend, prompts, generation, database, seeds, faid=faid)
         for i, job in enumerate(batch):
             metadata = {"prompt": prompts[i], "seeds": seeds[i * n : (i + 1) * n], **common}
             layout.write(job, output.images[i * n : (i + 1) * n], metadata)

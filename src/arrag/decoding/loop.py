@@ -1,4 +1,4 @@
-"""The one decoding loop: raster-order sampling with optional patch retrieval (DAiD).
+"""The one decoding loop: raster-order sampling with optional patch retrieval (DAiD, FAiD).
 
 Shapes: B rows (prompts × images per prompt), T = R·C positions, V codebook size, d cell vector size.
 """
@@ -8,16 +8,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from arrag.backends.base import Backend
-from arrag.config import GenerationConfig, RetrievalConfig
+from arrag.config import GenerationConfig
 from arrag.database import Neighbours, PatchDatabase
 from arrag.decoding.merge import mix, retrieval_distribution
 from arrag.decoding.sampling import apply_guidance, filter_probabilities, sample, to_probabilities
+from arrag.faid.attach import attached
+from arrag.faid.blender import FaidAdapter
 from arrag.keys import patch_keys
 
 logger = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ class GenerationOutput:
 
 
 class Retriever(Protocol):
-    """Where DAiD's neighbours come from: told every sampled token, asked before each eligible step."""
+    """Where the neighbours come from: told every sampled token, asked before each eligible step."""
 
     eligible: set[int]  # raster positions that get a search
 
@@ -79,9 +82,9 @@ class Retriever(Protocol):
 class PatchRetriever:
     """AR-RAG's retrieval: each row's query is made from its own generated tokens, at every step."""
 
-    def __init__(self, backend: Backend, database: PatchDatabase, config: RetrievalConfig, rows: int):
+    def __init__(self, backend: Backend, database: PatchDatabase, k: int, rows: int):
         database.check_backend(backend)
-        self.backend, self.database, self.config = backend, database, config
+        self.backend, self.database, self.k = backend, database, k
         self.eligible = set(database.positions.tolist())
         # Queries always use codebook vectors: generated tokens have no encoder latents.
         self.cell_vectors = torch.zeros(rows, backend.grid.size, backend.cell_dim)  # (B, T, d)
@@ -92,7 +95,7 @@ class PatchRetriever:
     def search(self, position: int) -> Neighbours:
         spec = self.database.spec
         queries = patch_keys(self.cell_vectors, [position], spec.grid, spec.neighbourhood)[:, 0]  # (B, D)
-        return self.database.search(queries, self.config.k)
+        return self.database.search(queries, self.k)
 
 
 @torch.inference_mode()
@@ -102,68 +105,86 @@ def generate(
     config: GenerationConfig,
     database: PatchDatabase | None = None,
     seeds: Sequence[int] | None = None,
+    faid: FaidAdapter | None = None,
     retriever: Retriever | None = None,
 ) -> GenerationOutput:
-    """Generate ``num_images_per_prompt`` images for every prompt, optionally with DAiD.
+    """Generate ``num_images_per_prompt`` images for every prompt, optionally with DAiD and/or FAiD.
 
     Row i (prompt i // n, image i % n) samples from its own ``torch.Generator`` seeded ``seeds[i]``
-    (default ``config.seed + i``), so its tokens do not depend on the rest of the batch. With DAiD, the
+    (default ``config.seed + i``), so its tokens do not depend on the rest of the batch. With DAiD alone, the
     search for position t is issued before the model's step t: both need only the tokens before t,
-    and FAISS and torch release the GIL, so they run at the same time. ``retriever`` replaces the patch
-    database search with another source of neighbours (e.g. the image-level baseline in
-    :mod:`arrag.evaluation.image_retrieval`); the merge is DAiD's.
+    and FAISS and torch release the GIL, so they run at the same time. FAiD's step needs the search's
+    result, so it waits for it. ``faid`` is attached to the backend's model for this call only. ``retriever``
+    replaces the patch database search with another source of neighbours for DAiD's merge (e.g. the
+    image-level baseline in :mod:`arrag.evaluation.image_retrieval`).
     """
     if not prompts:
         raise ValueError("no prompts given")
     for prompt in prompts:
         if not prompt.strip():
             raise ValueError("a prompt is empty; give every image a description")
-    if config.method == "daid" and database is None and retriever is None:
-        raise ValueError("method 'daid' needs a patch database (build one with arrag db build)")
+    mixing, blending = config.method in ("daid", "faid+daid"), config.method in ("faid", "faid+daid")
     if retriever is not None and config.method != "daid":
         raise ValueError(f"a retriever's neighbours are merged by DAiD; use method 'daid', not {config.method!r}")
+    if (mixing or blending) and database is None and retriever is None:
+        raise ValueError(f"method {config.method!r} needs a patch database (build one with arrag db build)")
+    if blending and faid is None:
+        raise ValueError(f"method {config.method!r} needs a FAiD adapter (train one with arrag train faid)")
     rows = [prompt for prompt in prompts for _ in range(config.num_images_per_prompt)]
     seeds = list(seeds) if seeds is not None else [config.seed + i for i in range(len(rows))]
     if len(seeds) != len(rows):
         raise ValueError(f"{len(rows)} rows need {len(rows)} seeds, got {len(seeds)}")
     generators = [torch.Generator(device=backend.device).manual_seed(s) for s in seeds]
     sampling, total = config.sampling, backend.grid.size
-    if retriever is None and config.method == "daid" and database is not None:
-        retriever = PatchRetriever(backend, database, config.retrieval, len(rows))
+    if retriever is None and database is not None and (mixing or blending):
+        k = max(config.retrieval.k if mixing else 0, faid.config.k if blending and faid is not None else 0)
+        retriever = PatchRetriever(backend, database, k, len(rows))
     records = RetrievalRecords.empty(len(rows), total)
     tokens = torch.full((len(rows), total), -1, dtype=torch.long)  # (B, T)
-    session = backend.start(rows, sampling.guidance_scale)
-    previous: torch.Tensor | None = None
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ExitStack() as stack:
+        hooks = stack.enter_context(attached(faid, backend.faid_target())) if blending and faid is not None else None
+        session = (
+            backend.start(rows, sampling.guidance_scale, faid=hooks)
+            if hooks
+            else backend.start(rows, sampling.guidance_scale)
+        )
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        previous: torch.Tensor | None = None
         for t in range(total):
             pending: Future[Neighbours] | None = None
             if retriever is not None and t in retriever.eligible:
                 pending = pool.submit(retriever.search, t)
-            step = session.step(previous)
+            found = pending.result() if pending is not None and blending else None
+            step = session.step(previous, found) if hooks else session.step(previous)
             logits = apply_guidance(step.cond, step.uncond, sampling.guidance_scale)  # (B, V)
             probs = to_probabilities(logits, sampling.temperature)
             if sampling.filter_order == "before_merge":
                 probs = filter_probabilities(probs, sampling.top_k, sampling.top_p)
-            found, p_retrieved, retrieved = None, None, None
+            p_retrieved, retrieved, share = None, None, None
             if pending is not None:
-                found, retrieval = pending.result(), config.retrieval
+                found = pending.result()
+                retrieval = config.retrieval
+                weight = retrieval.weight if mixing else 0.0
                 p_retrieved, retrieved = retrieval_distribution(
-                    found.distances,
-                    found.tokens,
-                    found.valid,
+                    found.distances[:, : retrieval.k] if mixing else found.distances,
+                    found.tokens[:, : retrieval.k] if mixing else found.tokens,
+                    found.valid[:, : retrieval.k] if mixing else found.valid,
                     probs.shape[-1],
                     retrieval.temperature,
                     retrieval.duplicates,
                 )
                 p_retrieved, retrieved = p_retrieved.to(probs.device), retrieved.to(probs.device)
-                probs = mix(probs, p_retrieved, retrieved, retrieval.weight)  # (B, V)
+                probs = mix(probs, p_retrieved, retrieved, weight)  # (B, V)
             mixed = probs
             if sampling.filter_order == "after_merge":
                 probs = filter_probabilities(probs, sampling.top_k, sampling.top_p)
             previous = sample(probs, generators)  # (B,)
             if found is not None:
                 chosen = previous[:, None]
-                share = config.retrieval.weight * p_retrieved.gather(-1, chosen) / mixed.gather(-1, chosen)  # (B, 1)
+                if mixing:
+                    share = config.retrieval.weight * p_retrieved.gather(-1, chosen) / mixed.gather(-1, chosen)
+                else:  # FAiD alone puts no retrieval probability into the mixture
+                    share = torch.full_like(chosen, float("nan"), dtype=torch.float32)
                 records.record(t, found, previous.cpu(), share[:, 0].cpu(), retrieved.cpu())
             tokens[:, t] = previous.cpu()
             if retriever is not None:
