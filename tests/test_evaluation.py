@@ -134,6 +134,12 @@ def test_a_small_evaluation_runs_end_to_end_and_writes_its_report(tmp_path):
     assert results["methods"]["daid"]["settings"]["duplicates"] == "sum"
     assert set(results["validation"]["sweep"]) == {"DAiD (sum)", "image-level"}
     assert results["samples"]["base"].shape == (6, 64, 64, 3)
+    quality = results["methods"]["daid"]["quality"]
+    assert all(
+        name in quality
+        for name in ("Fréchet distance (EfficientNet-Lite0 features)", "KID (EfficientNet-Lite0 features)")
+    )
+    assert all(value == value for value in quality.values())  # no NaN
     report = write_report(results, config.out, "arrag eval (test)")
     assert {p.name for p in config.out.iterdir()} == {"report.md", "results.json", "sweep.png", "samples.png"}
     assert "| base model |" in report.read_text()

@@ -29,10 +29,12 @@ from arrag.config import Duplicates, GenerationConfig, RetrievalConfig
 from arrag.database import PatchDatabase
 from arrag.evaluation.copying import CopyThreshold, nearest_database_image
 from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_caption
+from arrag.evaluation.quality import EfficientNetLite0Features, ImageQuality
 from arrag.evaluation.statistics import Score, category_scores
 from arrag.grid import Neighbourhood
 from arrag.world.checker import WorldChecker
 from arrag.world.database import CACHE_DIR, world_database, world_database_dir, world_database_scenes
+from arrag.world.features import DigitFeatures
 from arrag.world.prompts import Prompt, sample_prompts
 from arrag.world.report import eval_scenes, judge_generated, load_checker, per_category
 from arrag.world.scenes import to_backend_input
@@ -63,6 +65,7 @@ class EvalConfig:
     database_scenes: int = 2000
     copy_false_positive_rate: float = 0.01
     copy_calibration_scenes: int = 1000
+    image_quality: bool = True  # Fréchet distance and KID of the first seed's images against the real test scenes
 
     def __post_init__(self) -> None:
         if min(self.test_prompts, self.images_per_prompt, self.validation_prompts, self.validation_images) < 1:
@@ -241,10 +244,16 @@ def reconstruct(scenes: np.ndarray, backend: Backend, batch_size: int = 250) -> 
     return torch.cat(parts)
 
 
-def evaluate(config: EvalConfig, quality: Callable | None = None) -> dict[str, object]:
+def image_quality(checker: WorldChecker) -> ImageQuality:
+    """The two offline feature spaces: ImageNet (EfficientNet-Lite0) and the world's digit classifier."""
+    return ImageQuality([EfficientNetLite0Features(), DigitFeatures(checker.classifier, "objects")])
+
+
+def evaluate(config: EvalConfig) -> dict[str, object]:
     """Run the whole experiment; returns the results that :mod:`arrag.evaluation.report` writes out."""
     began = time.perf_counter()
     experiment = Experiment(config)
+    quality = image_quality(experiment.checker) if config.image_quality else None
     validation = sample_prompts(config.validation_prompts, VALIDATION_SEED)
     methods, sweep = choose(experiment, validation)
     chosen_at = time.perf_counter()
@@ -278,8 +287,8 @@ def evaluate(config: EvalConfig, quality: Callable | None = None) -> dict[str, o
             "median_nearest_database_distance": float(np.median(distances)),
             "seconds": round(time.perf_counter() - started, 1),
         }
-        if quality is not None:
-            entry["quality"] = quality(scenes, images)
+        if quality is not None:  # one seed: the feature networks cost as much as generating, on a CPU
+            entry["quality"] = quality(scenes, runs[0][1])
         results[key] = entry
         samples[key] = images[: len(test) * config.images_per_prompt : config.images_per_prompt]  # image 0, seed 0
         logger.info("test %s: overall %s", method.name, entry["scores"]["overall"])
