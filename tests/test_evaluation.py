@@ -16,6 +16,7 @@ from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_capti
 from arrag.evaluation.report import write_report
 from arrag.evaluation.statistics import category_scores
 from arrag.grid import Neighbourhood
+from arrag.indexes import IndexConfig
 
 
 def test_bootstrap_overall_is_the_mean_of_categories_and_intervals_cover_it():
@@ -122,6 +123,7 @@ def test_a_small_evaluation_runs_end_to_end_and_writes_its_report(tmp_path):
         hops=(1,),
         retrieved_images=2,
         database_scenes=40,
+        index=IndexConfig("IVF16,CodebookPQ", search_params="nprobe=4"),
         copy_calibration_scenes=100,
         copy_false_positive_rate=0.05,
     )

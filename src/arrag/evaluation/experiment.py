@@ -32,6 +32,7 @@ from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_capti
 from arrag.evaluation.quality import EfficientNetLite0Features, ImageQuality
 from arrag.evaluation.statistics import Score, category_scores
 from arrag.grid import Neighbourhood
+from arrag.indexes import IndexConfig
 from arrag.world.checker import WorldChecker
 from arrag.world.database import CACHE_DIR, world_database, world_database_dir, world_database_scenes
 from arrag.world.features import DigitFeatures
@@ -63,6 +64,9 @@ class EvalConfig:
     hops: tuple[int, ...] = (1, 2)
     retrieved_images: int = 4  # images per prompt for the image-level baseline
     database_scenes: int = 2000
+    # Exact distances to the entries of 32 of 256 lists: recall@2048 0.99 against the flat index on this
+    # database at a tenth of its search time (benchmarks/world_index.py, docs/results.md).
+    index: IndexConfig = field(default_factory=lambda: IndexConfig("IVF256,CodebookPQ", search_params="nprobe=32"))
     copy_false_positive_rate: float = 0.01
     copy_calibration_scenes: int = 1000
     image_quality: bool = True  # Fréchet distance and KID of the first seed's images against the real test scenes
@@ -154,9 +158,10 @@ class Experiment:
 
     def database(self, neighbourhood: Neighbourhood) -> PatchDatabase:
         if neighbourhood not in self.databases:
-            directory = world_database_dir(self.config.cache, self.backend, neighbourhood)
+            config = self.config
+            directory = world_database_dir(config.cache, self.backend, neighbourhood, config.index)
             self.databases[neighbourhood] = world_database(
-                self.backend, directory, self.config.database_scenes, neighbourhood
+                self.backend, directory, config.database_scenes, neighbourhood, config.index
             )
         return self.databases[neighbourhood]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import torch
 from tqdm import tqdm
 
 from arrag.backends.base import Backend
-from arrag.build import add_images
+from arrag.build import BuildConfig, add_images, build_database
 from arrag.database import MANIFEST_FILE, DatabaseSpec, PatchDatabase
 from arrag.grid import Neighbourhood
+from arrag.indexes import IndexConfig
 from arrag.world.digits import load_pool
 from arrag.world.prompts import Prompt, sample_prompts
 from arrag.world.scenes import render_scenes, to_backend_input
@@ -26,32 +28,46 @@ SCENE_BATCH = 100  # scenes are drawn in batches seeded by their first index: th
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "arrag"
 
 
-def world_database_dir(cache: Path, backend: Backend, neighbourhood: Neighbourhood | None = None) -> Path:
-    """Where the world database for ``backend``'s tokenizer and ``neighbourhood`` is cached under ``cache``."""
+def world_database_dir(
+    cache: Path, backend: Backend, neighbourhood: Neighbourhood | None = None, index: IndexConfig | None = None
+) -> Path:
+    """Where the world database for ``backend``'s tokenizer, ``neighbourhood`` and index is cached in ``cache``."""
     name = f"world-db-{backend.codebook_fingerprint.removeprefix('sha256:')}"
     if neighbourhood is not None and neighbourhood != Neighbourhood():
         name += f"-{neighbourhood.name}"
+    if index is not None and index != IndexConfig():
+        name += "-" + re.sub(r"[^A-Za-z0-9]+", "_", f"{index.description} {index.search_params}").strip("_")
     return cache / name
 
 
 def world_database(
-    backend: Backend, directory: Path, scenes: int = 2000, neighbourhood: Neighbourhood | None = None
+    backend: Backend,
+    directory: Path,
+    scenes: int = 2000,
+    neighbourhood: Neighbourhood | None = None,
+    index: IndexConfig | None = None,
 ) -> PatchDatabase:
     """Load the world database from ``directory``, or build and save it there first.
 
-    A cached database made for another backend, neighbourhood or size is rebuilt, never reused.
+    A cached database made for another backend, neighbourhood, index or size is rebuilt, never reused. An index
+    that needs training (IVF) is built by the sharded pipeline, which trains it on a sample of the keys.
     """
     spec = DatabaseSpec.for_backend(backend, neighbourhood)
+    index = index or IndexConfig()
     if (directory / MANIFEST_FILE).exists():
         try:
             database = PatchDatabase.load(directory, expect=spec)
-            if database.spec == spec and database.num_images == scenes:
+            if database.spec == spec and database.num_images == scenes and database.index_config == index:
                 return database
         except ValueError as error:
             logger.warning("rebuilding the cached world database: %s", error)
-    database = build_world_database(backend, spec, scenes)
-    database.save(directory)
-    return database
+    if index == IndexConfig():
+        database = build_world_database(backend, spec, scenes)
+        database.save(directory)
+        return database
+    config = BuildConfig(neighbourhood=spec.neighbourhood, index=index, batch_size=SCENE_BATCH)
+    build_database(backend, [f"world:{scenes}"], directory, config, overwrite=True)
+    return PatchDatabase.load(directory, expect=spec)
 
 
 def world_scenes(start: int, count: int) -> tuple[list[Prompt], np.ndarray]:
