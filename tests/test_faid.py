@@ -233,9 +233,6 @@ def test_the_training_ivf_probes_what_it_is_told(backend, database):
     assert (one.nearest(queries)[0] > exact + 1e-4).any()
 
 
-pytest.importorskip("peft")
-
-
 def test_tiny_janus_with_faid_and_lora_trains_then_generates(tmp_path):
     from arrag.backends.janus import JanusBackend
     from conftest import blob_images, database_from_images
