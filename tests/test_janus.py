@@ -12,7 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from arrag.backends.janus import JanusBackend, check_janus_config, load_janus
-from arrag.build import build_database
+from arrag.build import BuildConfig, build_database
 from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
 from arrag.database import PatchDatabase
 from arrag.decoding.loop import generate
@@ -81,7 +81,7 @@ def stored_entries(database: PatchDatabase) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_text_to_image_with_daid_on_a_database_of_real_photos(janus, tmp_path):
-    report = build_database(janus, package_photos(), tmp_path / "db", batch_size=3)
+    report = build_database(janus, package_photos(), tmp_path / "db", BuildConfig(batch_size=3))
     assert report.images_added == 7
     assert report.skipped == []
     database = PatchDatabase.load(tmp_path / "db")

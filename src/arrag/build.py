@@ -1,93 +1,456 @@
-"""Building a patch database from image files through a backend's tokenizer."""
+"""Building and growing patch databases from image collections, resumably, on either build engine.
+
+A build plans its inputs into shards (:mod:`arrag.sources`), writes the plan to ``DB/build/plan.json``,
+then runs :mod:`arrag.stages` over the shards on an engine (:mod:`arrag.engines`):
+
+1. tokenize every shard into ``DB/tokens/shard-*.parquet``;
+2. number the images (shard by shard, so ids do not depend on the engine or on interruptions);
+3. train the index on a sample of keys, if it needs training, into ``DB/build/trained.faiss``;
+4. turn every token shard into an index shard;
+5. merge the index shards (in memory, or into on-disk inverted lists) and save the database.
+
+Every shard's output is written atomically, so a build killed at any point and run again with ``resume``
+skips the finished shards and ends with exactly the entries of an uninterrupted build. ``DB/build`` is
+removed when the database is complete.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import faiss
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from arrag.backends.base import Backend
-from arrag.database import MANIFEST_FILE, DatabaseSpec, PatchDatabase
+from arrag import indexes
+from arrag.backends import Backend, BackendRef
+from arrag.database import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    SOURCES_FILE,
+    TEMPLATE_FILE,
+    DatabaseSpec,
+    PatchDatabase,
+    index_bytes,
+    read_manifest,
+)
+from arrag.engines import ENGINES, EngineName, LocalEngine, RayEngine, make_engine
 from arrag.grid import Neighbourhood
-from arrag.images import ImageReadError, find_images, read_image
-from arrag.keys import KeySource
+from arrag.indexes import IndexConfig
+from arrag.keys import KEY_SOURCES, KeySource, code_table, unit_codebook
+from arrag.sources import ShardSpec, SourceConfig, plan_shards
+from arrag.stages import (
+    STATE_DIR,
+    TOKENS_DIR,
+    IndexJob,
+    IndexStage,
+    TokenizeJob,
+    TokenizeStage,
+    TokenShard,
+    index_shard_file,
+    read_token_shard,
+    shard_entries,
+    tokenize_batch,
+    tokenized_record,
+    write_atomically,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "build-report.json"
+PLAN_FILE = "plan.json"
+BASE_FILE = "index.base.faiss"  # the database's index before an add, kept until the add is complete
+TRAIN_SHARDS = 64  # training keys are sampled from at most this many shards
+
+ShardCallback = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How a database is built.
+
+    Attributes:
+        neighbourhood, key_source: what a key is made of (see :mod:`arrag.keys`).
+        index: the FAISS index (see :mod:`arrag.indexes`).
+        sources: shard size and Parquet columns (see :mod:`arrag.sources`).
+        batch_size: images per tokenizer call.
+        engine: ``local`` (this process) or ``ray`` (Ray Data).
+        address: the Ray cluster to join; None starts Ray inside this process.
+        seed: of the training sample and k-means.
+    """
+
+    neighbourhood: Neighbourhood = field(default_factory=Neighbourhood)
+    key_source: KeySource = "codebook"
+    index: IndexConfig = field(default_factory=IndexConfig)
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    batch_size: int = 32
+    engine: EngineName = "local"
+    address: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.key_source not in KEY_SOURCES:
+            raise ValueError(f"key_source must be one of {KEY_SOURCES}, got {self.key_source!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.index.codebook_pq and self.key_source != "codebook":
+            raise ValueError("a CodebookPQ index holds codebook keys; use --key-source codebook or another index")
 
 
 @dataclass
 class BuildReport:
     images_added: int = 0
     entries: int = 0
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} per unreadable file
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: items that could not be read
+    ignored: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: files in folders not read
     seconds: float = 0.0
+    shards: int = 0
+    shards_resumed: int = 0  # shards an earlier, interrupted run had already tokenized
+    engine: str = "local"
+    index: str = ""
+    bytes_per_entry: float = 0.0  # index files on disk / entries in the database
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def add_images(database: PatchDatabase, backend: Backend, images: torch.Tensor, names: list[str]) -> None:
-    """Tokenize (N, 3, H, W) images in [-1, 1] and add their patches to the database."""
-    tokens = backend.encode(images)  # (N, R·C)
-    if database.spec.key_source == "codebook":
-        vectors = backend.code_vectors(tokens)  # (N, R·C, d)
-    else:
-        vectors = backend.encode_latents(images)
-    database.add(tokens.cpu(), vectors.float().cpu(), names)
-
-
-def _batches(
-    paths: list[Path], backend: Backend, size: int, report: BuildReport
-) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Preprocessed (N, 3, H, W) batches of the readable images; unreadable ones go to the report."""
-    images: list[torch.Tensor] = []
-    names: list[str] = []
-    for path in paths:
-        try:
-            images.append(backend.preprocess(read_image(path)))
-            names.append(str(path))
-        except ImageReadError as error:
-            logger.warning("skipping %s: %s", path, error)
-            report.skipped.append({"path": str(path), "reason": str(error)})
-        if len(images) == size:
-            yield torch.stack(images), names
-            images, names = [], []
-    if images:
-        yield torch.stack(images), names
+    """Tokenize (N, 3, H, W) images in [-1, 1] and add their patches to an in-memory database."""
+    tokens, vectors = tokenize_batch(backend, images, database.spec.key_source)
+    database.add(tokens, vectors, names)
 
 
 def build_database(
-    backend: Backend,
-    inputs: list[Path],
-    out: Path,
-    neighbourhood: Neighbourhood | None = None,
-    key_source: KeySource = "codebook",
-    batch_size: int = 32,
+    backend: Backend | BackendRef,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    config: BuildConfig | None = None,
+    *,
     overwrite: bool = False,
+    resume: bool = False,
+    on_shard_done: ShardCallback | None = None,
 ) -> BuildReport:
-    """Tokenize every image under ``inputs``, write a database to ``out`` and a report beside it."""
-    if (out / MANIFEST_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a patch database; choose another --out or pass --overwrite")
+    """Build a database in ``out`` from ``inputs`` (image files, folders, tar and Parquet files, ``world:N``).
+
+    Args:
+        backend: the tokenizer; a :class:`BackendRef` lets Ray workers load their own copy.
+        inputs: what to read (see :func:`arrag.sources.plan_shards`).
+        out: the database folder.
+        config: index, neighbourhood, engine, ...
+        overwrite: replace a database (or an interrupted build) in ``out``.
+        resume: finish the interrupted build in ``out``: the same inputs and settings, no finished shard redone.
+        on_shard_done: called with (stage name, shard record) after every shard.
+    """
+    config = config or BuildConfig()
+    out = Path(out)
+    loaded = backend.load() if isinstance(backend, BackendRef) else backend
+    spec = DatabaseSpec.for_backend(loaded, config.neighbourhood, config.key_source)
+    inputs = [str(item) for item in inputs]
+    plan_path = out / STATE_DIR / PLAN_FILE
+    if resume and plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        _check_resumable(plan, "build", inputs, spec, config)
+    elif resume:
+        raise FileNotFoundError(f"{out} holds no interrupted build to resume (no {STATE_DIR}/{PLAN_FILE})")
+    else:
+        if (out / MANIFEST_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{out} already holds a patch database; choose another --out or pass --overwrite")
+        if (out / STATE_DIR).exists() and not overwrite:
+            raise FileExistsError(
+                f"{out} holds an interrupted build; pass --resume to finish it or --overwrite to start again"
+            )
+        sources = plan_shards(inputs, config.sources)
+        if not sources.shards:
+            raise ValueError(f"no image files found in {', '.join(inputs)}")
+        if overwrite:
+            clear_database(out)
+        plan = {
+            "kind": "build",
+            "inputs": inputs,
+            "spec": spec.to_dict(),
+            "index": config.index.to_dict(),
+            "sources": asdict(config.sources),
+            "preprocessing": loaded.preprocessing.to_dict(),
+            "seed": config.seed,
+            "first_image": 0,
+            "ivfdata": "index.ivfdata",
+            "base_token_shards": [],
+            "shards": [shard.to_dict() for shard in sources.shards],
+            "ignored": sources.ignored,
+        }
+        write_json(plan_path, plan)
+    return _run(out, plan, loaded, backend, config, on_shard_done)
+
+
+def add_to_database(
+    backend: Backend | BackendRef,
+    inputs: Sequence[str | Path],
+    directory: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    resume: bool = False,
+    on_shard_done: ShardCallback | None = None,
+) -> BuildReport:
+    """Append the images of ``inputs`` to the database in ``directory`` (``arrag db add``).
+
+    The database's own neighbourhood, key source and trained index are used; of ``config`` only the
+    engine, sources and batch size matter. New images get the next ids; entries already there are kept.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    loaded = backend.load() if isinstance(backend, BackendRef) else backend
+    spec = DatabaseSpec.from_dict(manifest["spec"])
+    spec.check_serves(DatabaseSpec.for_backend(loaded, spec.neighbourhood, spec.key_source))
+    config = BuildConfig(
+        **{
+            **{name: getattr(config or BuildConfig(), name) for name in ("sources", "batch_size", "engine", "address")},
+            "neighbourhood": spec.neighbourhood,
+            "key_source": spec.key_source,
+            "index": IndexConfig.from_dict(manifest["index"]),
+        }
+    )
+    inputs = [str(item) for item in inputs]
+    plan_path = directory / STATE_DIR / PLAN_FILE
+    if plan_path.exists():
+        if not resume:
+            raise FileExistsError(f"{directory} holds an interrupted build or add; pass --resume to finish it first")
+        plan = json.loads(plan_path.read_text())
+        _check_resumable(plan, "add", inputs, spec, config)
+        return _run(directory, plan, loaded, backend, config, on_shard_done)
+    if resume:
+        raise FileNotFoundError(f"{directory} holds no interrupted add to resume (no {STATE_DIR}/{PLAN_FILE})")
+    base_shards = manifest.get("token_shards", [])
+    first_shard = 1 + max((_shard_number(s["file"]) for s in base_shards), default=-1)
+    sources = plan_shards(inputs, config.sources, first_index=first_shard)
+    if not sources.shards:
+        raise ValueError(f"no image files found in {', '.join(inputs)}")
+    plan = {
+        "kind": "add",
+        "inputs": inputs,
+        "spec": spec.to_dict(),
+        "index": config.index.to_dict(),
+        "sources": asdict(config.sources),
+        "preprocessing": loaded.preprocessing.to_dict(),
+        "seed": config.seed,
+        "first_image": manifest["counts"]["images"],
+        "ivfdata": f"index-{first_shard:06d}.ivfdata",
+        "base_token_shards": base_shards,
+        "shards": [shard.to_dict() for shard in sources.shards],
+        "ignored": sources.ignored,
+    }
+    write_json(plan_path, plan)
+    return _run(directory, plan, loaded, backend, config, on_shard_done)
+
+
+def clear_database(directory: Path) -> None:
+    """Remove a database's files (the manifest first, so a half-removed database never loads)."""
+    for name in (MANIFEST_FILE, INDEX_FILE, BASE_FILE, SOURCES_FILE, TEMPLATE_FILE, REPORT_FILE):
+        (directory / name).unlink(missing_ok=True)
+    for path in directory.glob("*.ivfdata"):
+        path.unlink()
+    for name in (TOKENS_DIR, STATE_DIR):
+        shutil.rmtree(directory / name, ignore_errors=True)
+
+
+def _shard_number(file: str) -> int:
+    return int(Path(file).stem.rsplit("-", 1)[1])
+
+
+def _check_resumable(plan: dict, kind: str, inputs: list[str], spec: DatabaseSpec, config: BuildConfig) -> None:
+    """Refuse to resume a plan made for other inputs or settings: the result would be neither build."""
+    differences = [
+        name
+        for name, planned, now in (
+            ("operation", plan["kind"], kind),
+            ("inputs", plan["inputs"], inputs),
+            ("tokenizer, grid or neighbourhood", plan["spec"], spec.to_dict()),
+            ("index", plan["index"], config.index.to_dict()),
+            ("shard size or Parquet columns", plan["sources"], asdict(config.sources)),
+        )
+        if planned != now
+    ]
+    if differences:
+        raise ValueError(
+            f"the interrupted {plan['kind']} was started with other {', '.join(differences)}; resume it with the "
+            f"same command (inputs: {' '.join(plan['inputs'])}; index: {plan['index']['description']}) or start "
+            "again with --overwrite"
+        )
+
+
+def _run(
+    directory: Path,
+    plan: dict,
+    loaded: Backend,
+    backend: Backend | BackendRef,
+    config: BuildConfig,
+    on_shard_done: ShardCallback | None,
+) -> BuildReport:
     start = time.perf_counter()
-    paths = find_images(inputs)
-    if not paths:
-        raise ValueError(f"no image files found in {', '.join(map(str, inputs))}")
-    database = PatchDatabase(DatabaseSpec.for_backend(backend, neighbourhood, key_source))
-    report = BuildReport()
-    with tqdm(total=len(paths), desc="tokenizing", unit="img") as progress:
-        for images, names in _batches(paths, backend, batch_size, report):
-            add_images(database, backend, images, names)
-            progress.update(database.num_images + len(report.skipped) - progress.n)
-        progress.update(len(paths) - progress.n)
-    if database.num_images == 0:
-        raise ValueError(f"none of the {len(paths)} files could be read as an image; see the warnings above")
-    report.images_added, report.entries = database.num_images, len(database)
+    spec = DatabaseSpec.from_dict(plan["spec"])
+    index_config = IndexConfig.from_dict(plan["index"])
+    shards = [ShardSpec.from_dict(shard) for shard in plan["shards"]]
+    resumed = sum(tokenized_record(directory, shard.index).exists() for shard in shards)
+    report = BuildReport(shards=len(shards), shards_resumed=resumed, engine=config.engine, ignored=plan["ignored"])
+    codes = code_table(loaded) if spec.key_source == "codebook" else None
+
+    def tokenized_path(task: dict) -> Path:
+        return tokenized_record(directory, task["index"])
+
+    with make_engine(config.engine, config.address) as engine:
+        clock = time.perf_counter()
+        tokenizer = loaded if isinstance(engine, LocalEngine) or not isinstance(backend, BackendRef) else backend
+        stage = TokenizeStage(tokenizer, TokenizeJob(str(directory), config.batch_size, spec.key_source))
+        _run_stage(engine, stage, [shard.to_dict() for shard in shards], tokenized_path, on_shard_done)
+        records = [json.loads(tokenized_path(shard.to_dict()).read_text()) for shard in shards]
+        report.stage_seconds["tokenize"] = round(time.perf_counter() - clock, 3)
+        report.images_added = sum(record["images"] for record in records)
+        report.skipped = [skip for record in records for skip in record["skipped"]]
+        if report.images_added == 0:
+            raise ValueError(
+                f"none of the {len(report.skipped)} items could be read as an image; see the warnings above"
+            )
+        firsts = np.cumsum([plan["first_image"]] + [record["images"] for record in records])[:-1].tolist()
+        clock = time.perf_counter()
+        template = _template(directory, plan, spec, index_config, codes, records)
+        report.stage_seconds["train"] = round(time.perf_counter() - clock, 3)
+        job = IndexJob(str(directory), spec, index_config, str(template), codes)
+        tasks = [{"shard": r["shard"], "first_image": f} for r, f in zip(records, firsts, strict=True) if r["images"]]
+        clock = time.perf_counter()
+        _run_stage(
+            engine, IndexStage(job), tasks, lambda task: index_shard_file(directory, task["shard"]), on_shard_done
+        )
+        report.stage_seconds["index"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
+    database = _merge(directory, plan, spec, index_config, template, records, firsts)
+    report.entries = len(database) - plan["first_image"] * len(spec.neighbourhood.eligible(spec.grid))
+    report.stage_seconds["merge"] = round(time.perf_counter() - clock, 3)
     report.seconds = round(time.perf_counter() - start, 3)
-    database.save(out)
-    (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
+    report.index = index_config.description + (" (on disk)" if index_config.on_disk else "")
+    report.bytes_per_entry = round(index_bytes(directory) / max(len(database), 1), 3)
+    write_json(directory / REPORT_FILE, asdict(report))
+    shutil.rmtree(directory / STATE_DIR)
+    logger.info("%s: %d images, %d entries in %.1f s", directory, report.images_added, report.entries, report.seconds)
     return report
+
+
+def _run_stage(
+    engine: LocalEngine | RayEngine,
+    stage: TokenizeStage | IndexStage,
+    tasks: list[dict],
+    output: Callable[[dict], Path],
+    on_shard_done: ShardCallback | None,
+) -> None:
+    """Run ``stage`` on the tasks whose ``output`` file does not exist yet, with a progress bar."""
+    pending = [task for task in tasks if not output(task).exists()]
+    unit = "img" if stage.name == "tokenize" else "entry"
+    done, clock = 0, time.perf_counter()
+    with tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc=stage.name, unit="shard") as progress:
+        for record in engine.run(stage, pending):
+            done += record.get("images", record.get("entries", 0))
+            progress.update(1)
+            progress.set_postfix_str(f"{done / max(time.perf_counter() - clock, 1e-9):,.0f} {unit}/s")
+            if on_shard_done is not None:
+                on_shard_done(stage.name, record)
+
+
+def _template(
+    directory: Path,
+    plan: dict,
+    spec: DatabaseSpec,
+    config: IndexConfig,
+    codes: np.ndarray | None,
+    records: list[dict],
+) -> Path:
+    """The trained empty index, made once per build (an add reuses the database's own)."""
+    path = directory / STATE_DIR / TEMPLATE_FILE
+    if path.exists():
+        return path
+    existing = directory / TEMPLATE_FILE
+    if plan["kind"] == "add" and existing.exists():
+        write_atomically(path, lambda tmp: shutil.copyfile(existing, tmp))
+        return path
+    codebook = unit_codebook(codes) if codes is not None else None
+    index = indexes.make_index(config, spec.key_dim, len(spec.neighbourhood.offsets), codebook)
+    if not index.is_trained:
+        if plan["kind"] == "add":
+            raise ValueError(f"{directory} has no {TEMPLATE_FILE} to add to its {config.description} index")
+        job = IndexJob(str(directory), spec, config, "", codes)
+        sample = _training_sample(directory, job, records, config.train_size, plan["seed"])
+        logger.info("training %s on %d keys", config.description, len(sample))
+        indexes.train(index, config, sample, plan["seed"])
+    write_atomically(path, lambda tmp: faiss.write_index(index, str(tmp)))
+    return path
+
+
+def _training_sample(directory: Path, job: IndexJob, records: list[dict], size: int, seed: int) -> np.ndarray:
+    """(≤ size, D) keys of random images from up to ``TRAIN_SHARDS`` random shards."""
+    rng = np.random.default_rng(seed)
+    filled = [record for record in records if record["images"]]
+    chosen = [filled[i] for i in sorted(rng.permutation(len(filled))[:TRAIN_SHARDS])]
+    per_image = len(job.spec.neighbourhood.eligible(job.spec.grid))
+    take = math.ceil(math.ceil(size / per_image) / len(chosen))
+    keys = []
+    for record in chosen:
+        shard = read_token_shard(directory / record["file"], job.spec.cell_dim, ("tokens", "latents"))
+        pick = np.sort(rng.choice(len(shard.tokens), min(take, len(shard.tokens)), replace=False))
+        latents = shard.latents[pick] if shard.latents is not None else None
+        keys += [entries.keys for entries in shard_entries(job, TokenShard([], shard.tokens[pick], latents), 0)]
+    sample = np.concatenate(keys)
+    return sample[np.sort(rng.choice(len(sample), size, replace=False))] if len(sample) > size else sample
+
+
+def _merge(
+    directory: Path,
+    plan: dict,
+    spec: DatabaseSpec,
+    config: IndexConfig,
+    template: Path,
+    records: list[dict],
+    firsts: list[int],
+) -> PatchDatabase:
+    """Merge the index shards (after the database's own index, for an add) and save the database."""
+    parts = [index_shard_file(directory, record["shard"]) for record in records if record["images"]]
+    base_sources: list[str] = []
+    if plan["kind"] == "add":
+        base = directory / BASE_FILE
+        if not base.exists():  # the index before this add; a killed merge may already have replaced INDEX_FILE
+            write_atomically(base, lambda tmp: shutil.copyfile(directory / INDEX_FILE, tmp))
+        parts.insert(0, base)
+        base_sources = json.loads((directory / SOURCES_FILE).read_text())[: plan["first_image"]]
+    if config.on_disk:
+        ivfdata = directory / plan["ivfdata"]
+        ivfdata.unlink(missing_ok=True)  # left by a merge that was killed
+        base_index = indexes.read_index(parts.pop(0)) if plan["kind"] == "add" else None
+        index = indexes.merge_on_disk(indexes.read_index(template), parts, ivfdata, base_index)
+    else:
+        index = indexes.read_index(parts.pop(0) if plan["kind"] == "add" else template)
+        for part in tqdm(parts, desc="merge", unit="shard"):
+            indexes.merge_into(index, indexes.read_index(part))
+    sources = list(base_sources)
+    token_shards = list(plan["base_token_shards"])
+    for record, first in zip(records, firsts, strict=True):
+        if record["images"]:
+            sources += read_token_shard(directory / record["file"], spec.cell_dim, ("source",)).names
+            token_shards.append({"file": record["file"], "first_image": first, "images": record["images"]})
+        else:
+            (directory / record["file"]).unlink(missing_ok=True)
+    database = PatchDatabase(
+        spec, index, sources, config, token_shards=token_shards, preprocessing=plan["preprocessing"]
+    )
+    database.save(directory)
+    if not (directory / TEMPLATE_FILE).exists():
+        write_atomically(directory / TEMPLATE_FILE, lambda tmp: shutil.copyfile(template, tmp))
+    (directory / BASE_FILE).unlink(missing_ok=True)
+    for stale in directory.glob("*.ivfdata"):
+        if config.on_disk and stale.name != plan["ivfdata"]:
+            stale.unlink()
+    return database

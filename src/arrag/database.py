@@ -22,7 +22,9 @@ import faiss
 import numpy as np
 import torch
 
+from arrag import indexes
 from arrag.grid import Grid, Neighbourhood
+from arrag.indexes import IndexConfig
 from arrag.keys import KEY_SOURCES, KeySource, key_dim, patch_keys
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 SOURCES_FILE = "sources.json"
+TEMPLATE_FILE = "trained.faiss"  # the empty trained index: what `arrag db add` adds shards to
 
 
 class DatabaseMismatchError(ValueError):
@@ -149,6 +152,54 @@ class IdLayout:
         return tuple(np.where(missing, -1, part) for part in (image, position, token))  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Entries:
+    """Database entries of some images, ready for an index."""
+
+    keys: np.ndarray  # (M, D) float32 patch keys
+    ids: np.ndarray  # (M,) int64 packed (image, position, next token)
+    cells: np.ndarray  # (M, n) int64 token of each neighbour cell; codebook_size where the cell is off the grid
+
+
+def make_entries(spec: DatabaseSpec, tokens: torch.Tensor, cell_vectors: torch.Tensor, first_image: int) -> Entries:
+    """The entries of images ``first_image, first_image + 1, ...``.
+
+    Args:
+        spec: the database's spec.
+        tokens: (N, R·C) token grids in raster order.
+        cell_vectors: (N, R·C, d) the vectors keys are made of (codebook vectors or encoder latents).
+        first_image: database id of the first image.
+    """
+    n = tokens.shape[0]
+    if cell_vectors.shape[:2] != tokens.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and cell_vectors {tuple(cell_vectors.shape)} differ")
+    if tokens.shape[1] != spec.grid.size or cell_vectors.shape[2] != spec.cell_dim:
+        raise ValueError(
+            f"this database takes {spec.grid.size} cells of {spec.cell_dim} values per image, got "
+            f"tokens {tuple(tokens.shape)} and cell_vectors {tuple(cell_vectors.shape)}"
+        )
+    if n and (tokens.min() < 0 or tokens.max() >= spec.codebook_size):
+        raise ValueError(f"token ids must be in [0, {spec.codebook_size}), got {tokens.min()}..{tokens.max()}")
+    if not torch.isfinite(cell_vectors).all():
+        raise ValueError("cell_vectors contain NaN or infinite values")
+    layout = IdLayout.for_spec(spec)
+    if first_image + n > layout.max_images:
+        raise ValueError(f"the id layout holds at most {layout.max_images} images")
+    positions = spec.neighbourhood.eligible(spec.grid)  # (P,)
+    keys = patch_keys(cell_vectors, positions, spec.grid, spec.neighbourhood)  # (N, P, D)
+    image_ids = np.arange(first_image, first_image + n)[:, None]  # (N, 1)
+    grid_tokens = tokens.cpu().numpy()  # (N, R·C)
+    table = spec.neighbourhood.indices(spec.grid)[positions]  # (P, n)
+    padded = np.concatenate([grid_tokens, np.full((n, 1), spec.codebook_size)], axis=1)  # (N, R·C + 1)
+    cells = padded[:, np.where(table < 0, spec.grid.size, table)]  # (N, P, n)
+    ids = layout.pack(image_ids, positions[None, :], grid_tokens[:, positions])  # (N, P)
+    return Entries(
+        keys=keys.reshape(-1, keys.shape[-1]).cpu().numpy(),
+        ids=ids.ravel(),
+        cells=cells.reshape(-1, table.shape[1]).astype(np.int64),
+    )
+
+
 @dataclass
 class Neighbours:
     """Search results; entries with ``valid`` False are padding (fewer than K entries in the database)."""
@@ -161,15 +212,39 @@ class Neighbours:
 
 
 class PatchDatabase:
-    """Exact (flat, squared-L2) patch database."""
+    """Patch database over a FAISS index (exact ``Flat`` by default; see :mod:`arrag.indexes` for others).
 
-    def __init__(self, spec: DatabaseSpec, index: faiss.Index | None = None, sources: list[str] | None = None):
+    ``token_shards`` lists the Parquet token shards a sharded build wrote (``file``, ``first_image``,
+    ``images``) and ``preprocessing`` how it prepared images for the tokenizer; a database built in memory
+    records neither.
+    """
+
+    def __init__(
+        self,
+        spec: DatabaseSpec,
+        index: faiss.Index | None = None,
+        sources: list[str] | None = None,
+        index_config: IndexConfig | None = None,
+        codebook: np.ndarray | None = None,
+        token_shards: list[dict] | None = None,
+        preprocessing: dict | None = None,
+    ):
+        """``index`` defaults to an empty index of ``index_config`` (``codebook``, (V, d) unit vectors: the
+        codebook PQ's centroids)."""
         self.spec = spec
         self.layout = IdLayout.for_spec(spec)
-        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatL2(spec.key_dim))
+        self.index_config = index_config or IndexConfig()
+        if self.index_config.codebook_pq and spec.key_source != "codebook":
+            raise ValueError("a CodebookPQ index stores codebook keys; this database's keys are encoder latents")
+        if index is None:
+            index = indexes.make_index(self.index_config, spec.key_dim, len(spec.neighbourhood.offsets), codebook)
+        self.index = index
         if self.index.d != spec.key_dim:
             raise ValueError(f"index has dimension {self.index.d}, the spec's keys have {spec.key_dim}")
         self.sources: list[str] = list(sources or [])
+        self.token_shards: list[dict] = list(token_shards or [])
+        self.preprocessing: dict = dict(preprocessing or {})
+        indexes.set_search_params(self.index, self.index_config.search_params)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -191,31 +266,25 @@ class PatchDatabase:
             cell_vectors: (N, R·C, d) the vectors keys are made of (codebook vectors or encoder latents).
             sources: N names (file paths) recorded for provenance.
         """
-        n = tokens.shape[0]
-        if cell_vectors.shape[:2] != tokens.shape or len(sources) != n:
+        if len(sources) != tokens.shape[0]:
             raise ValueError(
                 f"tokens {tuple(tokens.shape)}, cell_vectors {tuple(cell_vectors.shape)} and "
                 f"{len(sources)} sources do not describe the same images"
             )
-        if tokens.shape[1] != self.spec.grid.size or cell_vectors.shape[2] != self.spec.cell_dim:
-            raise ValueError(
-                f"this database takes {self.spec.grid.size} cells of {self.spec.cell_dim} values per image, got "
-                f"tokens {tuple(tokens.shape)} and cell_vectors {tuple(cell_vectors.shape)}"
-            )
-        if n and (tokens.min() < 0 or tokens.max() >= self.spec.codebook_size):
-            raise ValueError(f"token ids must be in [0, {self.spec.codebook_size}), got {tokens.min()}..{tokens.max()}")
-        if not torch.isfinite(cell_vectors).all():
-            raise ValueError("cell_vectors contain NaN or infinite values")
-        first_id = self.num_images
-        if first_id + n > self.layout.max_images:
-            raise ValueError(f"the id layout holds at most {self.layout.max_images} images")
-        positions = self.positions  # (P,)
-        keys = patch_keys(cell_vectors, positions, self.spec.grid, self.spec.neighbourhood)  # (N, P, D)
-        image_ids = np.arange(first_id, first_id + n)[:, None]  # (N, 1)
-        values = tokens[:, positions].cpu().numpy()  # (N, P)
-        ids = self.layout.pack(image_ids, positions[None, :], values).ravel()  # (N·P,)
-        self.index.add_with_ids(keys.reshape(-1, keys.shape[-1]).cpu().numpy(), ids)
+        if not self.index.is_trained:
+            raise ValueError(f"the {self.index_config.description} index must be trained before adding entries")
+        entries = make_entries(self.spec, tokens, cell_vectors, self.num_images)
+        indexes.add_entries(self.index, self.index_config, entries.keys, entries.ids, entries.cells)
         self.sources.extend(sources)
+
+    def train(self, keys: np.ndarray, seed: int = 0) -> None:
+        """Train the index's quantizers on (S, D) sample keys (IVF, PQ, OPQ; the codebook PQ's IVF only)."""
+        indexes.train(self.index, self.index_config, keys, seed)
+
+    def set_search_params(self, params: str) -> None:
+        """Search with other FAISS parameters (``nprobe=64``, ``efSearch=256``); saved with the database."""
+        indexes.set_search_params(self.index, params)
+        self.index_config = IndexConfig(**{**self.index_config.to_dict(), "search_params": params})
 
     def check_backend(self, backend: Any) -> None:
         """Raise :class:`DatabaseMismatchError` unless this database's tokens are ``backend``'s tokens."""
@@ -245,19 +314,26 @@ class PatchDatabase:
             "version": MANIFEST_VERSION,
             "spec": self.spec.to_dict(),
             "id_layout": asdict(self.layout),
-            "index": {"description": "IDMap2,Flat", "metric": "squared-l2", "key_dim": self.spec.key_dim},
+            "index": {**self.index_config.to_dict(), "metric": "squared-l2", "key_dim": self.spec.key_dim},
             "counts": {
                 "images": self.num_images,
                 "entries": len(self),
                 "entries_per_image": len(self.positions),
             },
+            "preprocessing": self.preprocessing,
+            "token_shards": self.token_shards,
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write index, sources and manifest; the manifest goes last so a half-written save never loads."""
+        """Write index, sources and manifest; the manifest goes last so a half-written save never loads.
+
+        An index with on-disk inverted lists must already have its ``.ivfdata`` file in ``directory``.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        tmp = directory / (INDEX_FILE + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, directory / INDEX_FILE)
         _write_json(directory / SOURCES_FILE, self.sources)
         _write_json(directory / MANIFEST_FILE, self.manifest())
         logger.info("saved %d entries from %d images to %s", len(self), self.num_images, directory)
@@ -273,9 +349,17 @@ class PatchDatabase:
             spec.check_serves(expect)
         if IdLayout(**manifest["id_layout"]) != IdLayout.for_spec(spec):
             raise ValueError(f"{directory}: id layout in the manifest does not match its spec")
-        index = faiss.read_index(str(directory / INDEX_FILE))
+        index = indexes.read_index(directory / INDEX_FILE)
         sources = json.loads((directory / SOURCES_FILE).read_text())
-        database = cls(spec, index, sources)
+        config = IndexConfig.from_dict(manifest["index"])
+        database = cls(
+            spec,
+            index,
+            sources,
+            config,
+            token_shards=manifest.get("token_shards", []),
+            preprocessing=manifest.get("preprocessing", {}),
+        )
         counts = manifest["counts"]
         if len(database) != counts["entries"] or database.num_images != counts["images"]:
             raise ValueError(
@@ -283,6 +367,12 @@ class PatchDatabase:
                 f"says {counts['entries']} of {counts['images']}; the database is damaged, build it again"
             )
         return database
+
+
+def index_bytes(directory: str | Path) -> int:
+    """Bytes the index of a saved database takes on disk: the index file and its on-disk inverted lists."""
+    directory = Path(directory)
+    return sum(path.stat().st_size for path in [directory / INDEX_FILE, *directory.glob("*.ivfdata")])
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -9,18 +9,16 @@ checker judges every image; a side-by-side grid and a JSON summary are written.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from PIL import Image, ImageDraw
 
 from arrag.backends import load_backend
 from arrag.config import GenerationConfig, RetrievalConfig
 from arrag.decoding.loop import generate
 from arrag.faid.files import shipped_adapter
-from arrag.world.database import world_database
+from arrag.images import labelled_grid
+from arrag.world.database import CACHE_DIR, world_database, world_database_dir
 from arrag.world.prompts import sample_prompts
 from arrag.world.report import load_checker
 from arrag.world.scenes import to_uint8
@@ -32,7 +30,7 @@ SCALE = 3  # 64 px scenes are shown at 192 px
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = Path("runs/demo")
-    cache: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "arrag"
+    cache: Path = CACHE_DIR
     prompts: int = 6  # one per GenEval category
     images_per_prompt: int = 2
     seed: int = 0
@@ -43,19 +41,12 @@ class DemoConfig:
             raise ValueError("the demo needs at least one prompt and one image per prompt")
 
 
-def _label(image: Image.Image, text: str) -> Image.Image:
-    canvas = Image.new("RGB", (image.width, image.height + 14), (30, 30, 30))
-    canvas.paste(image, (0, 14))
-    ImageDraw.Draw(canvas).text((3, 1), text, fill=(230, 230, 230))
-    return canvas
-
-
 def run_demo(config: DemoConfig) -> dict[str, object]:
     """Generate, judge, and write ``grid.png`` and ``summary.json`` into ``config.out``."""
     start = time.perf_counter()
     backend = load_backend("builtin")
     checker = load_checker()
-    database_dir = config.cache / f"world-db-{backend.codebook_fingerprint.removeprefix('sha256:')}"
+    database_dir = world_database_dir(config.cache, backend)
     database = world_database(backend, database_dir)
     built = time.perf_counter()
     prompts = sample_prompts(config.prompts, DEMO_PROMPT_SEED)
@@ -96,22 +87,22 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
                     "detections": [asdict(d) for d in checker.detect(image)],
                 }
             )
-            big = Image.fromarray(image).resize((64 * SCALE, 64 * SCALE), Image.Resampling.NEAREST)
-            cells.append(_label(big, f"{method}: {'correct' if verdict else 'wrong'}"))
+            cells.append((image, f"{method}: {'correct' if verdict else 'wrong'}"))
         rows.append((prompt.text, cells))
     config.out.mkdir(parents=True, exist_ok=True)
-    width = 64 * SCALE
-    grid = Image.new("RGB", (len(runs) * (width + 8), len(rows) * (width + 30)), (0, 0, 0))
-    draw = ImageDraw.Draw(grid)
-    for i, (text, cells) in enumerate(rows):
-        top = i * (width + 30)
-        draw.text((4, top + 2), text, fill=(255, 255, 255))
-        for j, cell in enumerate(cells):
-            grid.paste(cell, (j * (width + 8), top + 16))
-    grid.save(config.out / "grid.png")
+    labelled_grid(rows, SCALE).save(config.out / "grid.png")
     scores = {
         method: sum(im["correct"] for im in summary_images if im["method"] == method) / len(rows) for method in runs
     }
+    adapter = shipped_adapter(backend)
+    if adapter is not None:  # FAiD joins when this install ships a trained adapter
+        runs["faid"] = generate(
+            backend,
+            texts,
+            GenerationConfig(method="faid", num_images_per_prompt=n, seed=config.seed),
+            database,
+            faid=adapter,
+        )
     summary = {
         "backend": backend.name,
         "database": str(database_dir),

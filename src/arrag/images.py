@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, PngImagePlugin
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -29,25 +32,60 @@ def find_images(inputs: list[Path]) -> list[Path]:
     return found
 
 
-def read_image(path: Path) -> Image.Image:
-    """Decode an image file fully to RGB, or raise :class:`ImageReadError` with the reason."""
+def read_image(source: Path | bytes) -> Image.Image:
+    """Decode an image file or its bytes fully to RGB, or raise :class:`ImageReadError` with the reason."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()  # decode now: a truncated file fails here, not later
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         raise ImageReadError(f"{type(error).__name__}: {error}") from error
 
 
+Resample = Literal["bicubic", "bilinear", "lanczos"]
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a tokenizer takes: the shorter side resized to ``size``, the centre square cropped, RGB values
+    mapped linearly from [0, 255] to ``value_range``. Databases record it in their manifest."""
+
+    size: int
+    resample: Resample = "bicubic"
+    value_range: tuple[float, float] = (-1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1 pixel, got {self.size}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {list(_RESAMPLE)}, got {self.resample!r}")
+        if not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"value_range must be (low, high) with low < high, got {self.value_range}")
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image -> (3, size, size) float32 in ``value_range``."""
+        size = self.size
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.convert("RGB").resize((width, height), _RESAMPLE[self.resample])
+        left, top = (width - size) // 2, (height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (S, S, 3) in [0, 255]
+        low, high = self.value_range
+        return pixels.permute(2, 0, 1) / (255.0 / (high - low)) + low  # (3, S, S); [-1, 1]: x / 127.5 - 1
+
+    def to_dict(self) -> dict[str, object]:
+        return {"size": self.size, "crop": "centre", "resample": self.resample, "value_range": list(self.value_range)}
+
+
 def center_crop(image: Image.Image, size: int) -> torch.Tensor:
     """Resize the shorter side to ``size``, crop the centre square -> (3, size, size) in [-1, 1]."""
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (S, S, 3) in [0, 255]
-    return pixels.permute(2, 0, 1) / 127.5 - 1.0  # (3, S, S)
+    return Preprocessing(size)(image)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -56,10 +94,35 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def save_image(image: torch.Tensor, path: Path, metadata: dict) -> None:
-    """Write a PNG with its generation parameters in a text chunk and in a JSON sidecar beside it."""
+def save_image(image: torch.Tensor, path: Path, metadata: dict, sidecar: bool = True) -> None:
+    """Write a PNG with its generation parameters in a text chunk and (``sidecar``) in a JSON file beside it."""
     text = json.dumps(metadata, indent=2)
     info = PngImagePlugin.PngInfo()
     info.add_text("arrag", text)
-    to_pil(image).save(path, pnginfo=info)
-    path.with_suffix(".json").write_text(text)
+    to_pil(image).save(path, format="PNG", pnginfo=info)
+    if sidecar:
+        path.with_suffix(".json").write_text(text)
+
+
+def read_metadata(path: Path) -> dict:
+    """The generation parameters :func:`save_image` wrote into a PNG's text chunk ({} if there are none)."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}).get("arrag")
+    return json.loads(text) if text else {}
+
+
+def labelled_grid(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], scale: int = 3) -> Image.Image:
+    """A comparison sheet: one titled row per prompt, cells of (H, W, 3) uint8 images with a caption each."""
+    cell_h, cell_w = (side * scale for side in rows[0][1][0][0].shape[:2])
+    columns = max(len(cells) for _, cells in rows)
+    sheet = Image.new("RGB", (columns * (cell_w + 8), len(rows) * (cell_h + 30)), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for i, (title, cells) in enumerate(rows):
+        top = i * (cell_h + 30)
+        draw.text((4, top + 2), title, fill=(255, 255, 255))
+        for j, (image, caption) in enumerate(cells):
+            left = j * (cell_w + 8)
+            big = Image.fromarray(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+            sheet.paste(big, (left, top + 30))
+            draw.text((left + 3, top + 16), caption, fill=(230, 230, 230))
+    return sheet

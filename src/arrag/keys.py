@@ -9,7 +9,7 @@ Shapes: N images, R·C grid cells, P positions, n neighbours, d vector size per 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,10 +44,28 @@ def patch_keys(
     table = torch.as_tensor(neighbourhood.indices(grid), device=cell_vectors.device)  # (R·C, n)
     neighbours = table[torch.as_tensor(positions, device=cell_vectors.device)]  # (P, n)
     # An appended all-zero cell stands in for every neighbour that is off the grid.
-    unit = F.normalize(cell_vectors.float(), dim=-1)  # (N, R·C, d)
+    unit = unit_cells(cell_vectors)  # (N, R·C, d)
     padded = torch.cat([unit, unit.new_zeros(n_images, 1, dim)], dim=1)  # (N, R·C + 1, d)
     neighbours = torch.where(neighbours < 0, n_cells, neighbours)
     return padded[:, neighbours].flatten(2)  # (N, P, n·d)
+
+
+def unit_cells(cell_vectors: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., d) float32 unit vectors: what a key holds for each cell."""
+    return F.normalize(cell_vectors.float(), dim=-1)
+
+
+def code_table(backend: Any) -> np.ndarray:
+    """(V, d) ``backend.code_vectors`` of every token (any :class:`arrag.backends.Backend`): indexing it with
+    token ids gives exactly what ``code_vectors`` gives, so keys made from it equal decoding-time queries."""
+    codes = torch.arange(backend.codebook_size, device=backend.device)
+    return backend.code_vectors(codes).float().cpu().numpy()
+
+
+def unit_codebook(table: np.ndarray) -> np.ndarray:
+    """(V, d) code table -> (V, d) each token's cell vector exactly as :func:`patch_keys` puts it in a key:
+    the centroids of the codebook PQ."""
+    return unit_cells(torch.from_numpy(table)).numpy()
 
 
 def key_dim(neighbourhood: Neighbourhood, cell_dim: int) -> int:

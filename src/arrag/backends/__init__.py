@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from arrag.backends.base import Backend, Session, StepLogits
 
-__all__ = ["Backend", "Session", "StepLogits", "load_backend"]
+__all__ = ["Backend", "BackendRef", "Session", "StepLogits", "load_backend"]
 
 
 def load_backend(name: str, device: str | torch.device = "cpu", dtype: str = "float32") -> Backend:
@@ -37,3 +38,16 @@ def load_backend(name: str, device: str | torch.device = "cpu", dtype: str = "fl
     raise ValueError(
         f"unknown backend {name!r}; available: builtin, builtin:DIR, tiny, tiny-SEED, or a Janus-Pro hub id or folder"
     )
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    """A backend by name, loaded where it is used: in each worker of a distributed database build."""
+
+    name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def load(self, device: str | None = None) -> Backend:
+        """The backend, on ``device`` if given (a worker's accelerator), else on ``self.device``."""
+        return load_backend(self.name, device or self.device, self.dtype)

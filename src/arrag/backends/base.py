@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from arrag.grid import Grid
+from arrag.images import Preprocessing
 
 if TYPE_CHECKING:
     from arrag.database import Neighbours
@@ -48,6 +49,7 @@ class Backend(Protocol):
     codebook_size: int
     cell_dim: int  # size of one codebook vector (and of one encoder latent)
     image_size: int  # pixels per side of a generated or encoded image
+    preprocessing: Preprocessing  # how ``preprocess`` resizes, crops and scales an image for the tokenizer
     codebook_fingerprint: str
     device: torch.device
 
@@ -69,7 +71,8 @@ class Backend(Protocol):
         ...
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image -> (3, H, W) in [-1, 1], resized and centre-cropped as the tokenizer expects."""
+        """A PIL image -> (3, H, W) in [-1, 1], resized and centre-cropped as the tokenizer expects
+        (``self.preprocessing``)."""
         ...
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from arrag.backends.base import StepLogits
 from arrag.database import Neighbours
 from arrag.faid.attach import FaidHooks, FaidTarget
 from arrag.grid import Grid
-from arrag.images import center_crop
+from arrag.images import Preprocessing
 from arrag.keys import codebook_fingerprint
 from arrag.models.transformer import (
     ImageTransformer,
@@ -89,6 +89,7 @@ class BuiltinBackend:
         self.codebook_size = self.vq.config.codebook_size
         self.cell_dim = self.vq.config.code_dim
         self.image_size = self.vq.config.image_size
+        self.preprocessing = Preprocessing(self.image_size)  # [-1, 1] centre crops, as the VQ was trained
         self.codebook_fingerprint = codebook_fingerprint(self.vq.codebook.weight)
 
     def start(self, prompts: Sequence[str], guidance_scale: float, faid: FaidHooks | None = None) -> BuiltinSession:
@@ -124,7 +125,7 @@ class BuiltinBackend:
         return self.vq.normalised_codebook()[tokens.to(self.device)]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return center_crop(image, self.image_size)
+        return self.preprocessing(image)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

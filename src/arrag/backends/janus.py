@@ -28,7 +28,7 @@ from arrag.backends.base import StepLogits
 from arrag.database import Neighbours
 from arrag.faid.attach import FaidHooks, FaidTarget
 from arrag.grid import Grid
-from arrag.images import center_crop
+from arrag.images import Preprocessing
 from arrag.keys import codebook_fingerprint
 
 JANUS_DEFAULT_GUIDANCE = 5.0  # transformers' and Janus's default CFG weight
@@ -105,6 +105,9 @@ class JanusBackend:
         self.cell_dim = vq.quantize.embedding.embedding_dim
         self.image_size = model.config.vq_config.num_patches * 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
         self.codebook_fingerprint = codebook_fingerprint(vq.quantize.embedding.weight.float())
+        # The VQ model takes [-1, 1] centre crops (AR-RAG's img2code: Resize, CenterCrop, Normalize(0.5, 0.5)),
+        # not the processor's CLIP normalisation and square padding.
+        self.preprocessing = Preprocessing(self.image_size)
 
     def prompt_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Janus's chat template with the image-start token, left-padded -> (input_ids, attention_mask)."""
@@ -172,9 +175,7 @@ class JanusBackend:
         return self._normalised_codebook()[tokens.to(self.device)]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        # The VQ model takes [-1, 1] centre crops (AR-RAG's img2code: Resize, CenterCrop, Normalize(0.5, 0.5)),
-        # not the processor's CLIP normalisation and square padding.
-        return center_crop(image, self.image_size)
+        return self.preprocessing(image)
 
     @torch.no_grad()
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:

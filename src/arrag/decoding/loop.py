@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -68,8 +69,18 @@ class GenerationOutput:
     records: RetrievalRecords
 
 
+class Retriever(Protocol):
+    """Where the neighbours come from: told every sampled token, asked before each eligible step."""
+
+    eligible: set[int]  # raster positions that get a search
+
+    def observe(self, position: int, tokens: torch.Tensor) -> None: ...
+
+    def search(self, position: int) -> Neighbours: ...
+
+
 class PatchRetriever:
-    """Makes each row's query from its own generated tokens and searches the database."""
+    """AR-RAG's retrieval: each row's query is made from its own generated tokens, at every step."""
 
     def __init__(self, backend: Backend, database: PatchDatabase, k: int, rows: int):
         database.check_backend(backend)
@@ -95,6 +106,7 @@ def generate(
     database: PatchDatabase | None = None,
     seeds: Sequence[int] | None = None,
     faid: FaidAdapter | None = None,
+    retriever: Retriever | None = None,
 ) -> GenerationOutput:
     """Generate ``num_images_per_prompt`` images for every prompt, optionally with DAiD and/or FAiD.
 
@@ -102,7 +114,9 @@ def generate(
     (default ``config.seed + i``), so its tokens do not depend on the rest of the batch. With DAiD alone, the
     search for position t is issued before the model's step t: both need only the tokens before t,
     and FAISS and torch release the GIL, so they run at the same time. FAiD's step needs the search's
-    result, so it waits for it. ``faid`` is attached to the backend's model for this call only.
+    result, so it waits for it. ``faid`` is attached to the backend's model for this call only. ``retriever``
+    replaces the patch database search with another source of neighbours for DAiD's merge (e.g. the
+    image-level baseline in :mod:`arrag.evaluation.image_retrieval`).
     """
     if not prompts:
         raise ValueError("no prompts given")
@@ -110,7 +124,9 @@ def generate(
         if not prompt.strip():
             raise ValueError("a prompt is empty; give every image a description")
     mixing, blending = config.method in ("daid", "faid+daid"), config.method in ("faid", "faid+daid")
-    if (mixing or blending) and database is None:
+    if retriever is not None and config.method != "daid":
+        raise ValueError(f"a retriever's neighbours are merged by DAiD; use method 'daid', not {config.method!r}")
+    if (mixing or blending) and database is None and retriever is None:
         raise ValueError(f"method {config.method!r} needs a patch database (build one with arrag db build)")
     if blending and faid is None:
         raise ValueError(f"method {config.method!r} needs a FAiD adapter (train one with arrag train faid)")
@@ -120,8 +136,7 @@ def generate(
         raise ValueError(f"{len(rows)} rows need {len(rows)} seeds, got {len(seeds)}")
     generators = [torch.Generator(device=backend.device).manual_seed(s) for s in seeds]
     sampling, total = config.sampling, backend.grid.size
-    retriever = None
-    if database is not None and (mixing or blending):
+    if retriever is None and database is not None and (mixing or blending):
         k = max(config.retrieval.k if mixing else 0, faid.config.k if blending and faid is not None else 0)
         retriever = PatchRetriever(backend, database, k, len(rows))
     records = RetrievalRecords.empty(len(rows), total)

@@ -77,7 +77,11 @@ class DigitClassifier(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # (N, 10) logits
+        return self.head(self.features(x))  # (N, 1, 28, 28) -> (N, 10) logits
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, 28, 28) -> (N, 128): the penultimate activations, what the last layer reads."""
+        return self.head[:-1](self.features(x))
 
 
 def find_components(image: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
@@ -93,6 +97,16 @@ def find_components(image: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int,
         ys, xs = np.nonzero(mask)
         found.append((mask, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
     return found
+
+
+def object_crops(
+    image: np.ndarray, components: list[tuple[np.ndarray, tuple[int, int, int, int]]] | None = None
+) -> np.ndarray:
+    """(S, S, 3) uint8 scene -> (n, 28, 28) classifier inputs, one per object (``find_components`` by default)."""
+    components = find_components(image) if components is None else components
+    intensity = image.max(axis=2).astype(np.float32) / 255.0
+    crops = [classifier_input(np.where(mask, intensity, 0.0)[y0:y1, x0:x1]) for mask, (x0, y0, x1, y1) in components]
+    return np.stack(crops) if crops else np.zeros((0, CLASSIFIER_SIZE, CLASSIFIER_SIZE), dtype=np.float32)
 
 
 class WorldChecker:
@@ -114,12 +128,12 @@ class WorldChecker:
         if not components:
             return []
         intensity = image.max(axis=2).astype(np.float32) / 255.0
-        crops, colours = [], []
-        for mask, (x0, y0, x1, y1) in components:
-            crops.append(classifier_input(np.where(mask, intensity, 0.0)[y0:y1, x0:x1]))
+        colours = []
+        for mask, _ in components:
             bright = mask & (intensity >= 0.6 * intensity[mask].max())
             colours.append(nearest_colour(image[bright].astype(np.float32).mean(axis=0)))
-        probs = F.softmax(self.classifier(torch.from_numpy(np.stack(crops))[:, None]), dim=-1)  # (N, 10)
+        crops = object_crops(image, components)
+        probs = F.softmax(self.classifier(torch.from_numpy(crops)[:, None]), dim=-1)  # (N, 10)
         confidence, digits = probs.max(dim=-1)
         return [
             Detection(int(d), c, box, float(p))

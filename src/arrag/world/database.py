@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from arrag.backends.base import Backend
@@ -13,12 +16,22 @@ from arrag.build import add_images
 from arrag.database import MANIFEST_FILE, DatabaseSpec, PatchDatabase
 from arrag.grid import Neighbourhood
 from arrag.world.digits import load_pool
-from arrag.world.prompts import sample_prompts
+from arrag.world.prompts import Prompt, sample_prompts
 from arrag.world.scenes import render_scenes, to_backend_input
 
 logger = logging.getLogger(__name__)
 
 DATABASE_SEED = 1
+SCENE_BATCH = 100  # scenes are drawn in batches seeded by their first index: the world's database shards
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "arrag"
+
+
+def world_database_dir(cache: Path, backend: Backend, neighbourhood: Neighbourhood | None = None) -> Path:
+    """Where the world database for ``backend``'s tokenizer and ``neighbourhood`` is cached under ``cache``."""
+    name = f"world-db-{backend.codebook_fingerprint.removeprefix('sha256:')}"
+    if neighbourhood is not None and neighbourhood != Neighbourhood():
+        name += f"-{neighbourhood.name}"
+    return cache / name
 
 
 def world_database(
@@ -41,14 +54,34 @@ def world_database(
     return database
 
 
-def build_world_database(backend: Backend, spec: DatabaseSpec, scenes: int, batch_size: int = 100) -> PatchDatabase:
+def world_scenes(start: int, count: int) -> tuple[list[Prompt], np.ndarray]:
+    """The database scenes of the batch that begins at ``start`` -> (prompts, (N, S, S, 3) uint8)."""
+    rng = np.random.default_rng([DATABASE_SEED, start])
+    prompts = sample_prompts(count, int(rng.integers(2**32)))
+    return prompts, render_scenes(prompts, load_pool("database"), rng)
+
+
+def world_scene_name(index: int, prompt: Prompt) -> str:
+    return f"world-database-scene-{index}: {prompt.text}"
+
+
+def world_database_scenes(
+    backend: Backend, scenes: int, batch_size: int = SCENE_BATCH
+) -> Iterator[tuple[list[Prompt], torch.Tensor]]:
+    """The database pool's captioned scenes, in batches of (prompts, (N, 3, H, W) backend input)."""
+    for start in range(0, scenes, batch_size):
+        prompts, images = world_scenes(start, min(batch_size, scenes - start))
+        yield prompts, to_backend_input(images, backend.preprocess)
+
+
+def build_world_database(
+    backend: Backend, spec: DatabaseSpec, scenes: int, batch_size: int = SCENE_BATCH
+) -> PatchDatabase:
     """Render ``scenes`` captioned scenes from the database pool and add their patches."""
-    glyphs = load_pool("database")
     database = PatchDatabase(spec)
-    for start in tqdm(range(0, scenes, batch_size), desc="world database", unit="batch"):
-        rng = np.random.default_rng([DATABASE_SEED, start])
-        prompts = sample_prompts(min(batch_size, scenes - start), int(rng.integers(2**32)))
-        pixels = to_backend_input(render_scenes(prompts, glyphs, rng), backend.preprocess)  # (N, 3, H, W)
-        names = [f"world-database-scene-{start + i}: {p.text}" for i, p in enumerate(prompts)]
+    batches = world_database_scenes(backend, scenes, batch_size)
+    for prompts, pixels in tqdm(batches, total=-(-scenes // batch_size), desc="world database", unit="batch"):
+        first = database.num_images
+        names = [world_scene_name(first + i, p) for i, p in enumerate(prompts)]
         add_images(database, backend, pixels, names)
     return database

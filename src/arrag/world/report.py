@@ -6,6 +6,7 @@ Every number is computed on held-out data: eval-pool glyphs and scenes, prompts 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from arrag.backends.base import Backend
 from arrag.config import GenerationConfig, SamplingConfig
-from arrag.decoding.loop import generate
+from arrag.decoding.loop import Retriever, generate
 from arrag.world.checker import WorldChecker
 from arrag.world.digits import load_pool
 from arrag.world.prompts import CATEGORIES, Prompt, sample_prompts
@@ -89,18 +90,27 @@ def judge_generated(
     prompts: list[Prompt],
     config: GenerationConfig,
     database=None,
+    retriever_for: Callable[[list[str]], Retriever] | None = None,
     batch_prompts: int = 30,
-) -> list[bool]:
-    """The checker's verdict on every generated image (prompt-major order, as generate returns them)."""
+) -> tuple[list[bool], np.ndarray]:
+    """Generate every prompt's images and judge them -> (verdicts, (N, S, S, 3) uint8 images), prompt-major.
+
+    Row r of the whole run is seeded ``config.seed + r``, whatever the batching. ``retriever_for`` makes the
+    neighbour source of a batch from its rows' prompts (see :func:`arrag.decoding.loop.generate`).
+    """
     verdicts: list[bool] = []
+    batches: list[np.ndarray] = []
     n = config.num_images_per_prompt
     for start in range(0, len(prompts), batch_prompts):
         part = prompts[start : start + batch_prompts]
+        texts = [p.text for p in part]
         seeds = [config.seed + (start + i) * n + j for i in range(len(part)) for j in range(n)]
-        out = generate(backend, [p.text for p in part], config, database, seeds=seeds)
+        retriever = retriever_for([t for t in texts for _ in range(n)]) if retriever_for is not None else None
+        out = generate(backend, texts, config, database, seeds=seeds, retriever=retriever)
         images = to_uint8(out.images)
         verdicts += [checker.judge(part[row // n], image) for row, image in enumerate(images)]
-    return verdicts
+        batches.append(images)
+    return verdicts, np.concatenate(batches)
 
 
 def generator_report(
@@ -115,7 +125,7 @@ def generator_report(
     config = GenerationConfig(
         sampling=SamplingConfig(guidance_scale=guidance_scale), num_images_per_prompt=images_per_prompt
     )
-    verdicts = judge_generated(backend, checker, held_out, config)
+    verdicts, _ = judge_generated(backend, checker, held_out, config)
     expanded = [p for p in held_out for _ in range(images_per_prompt)]
     return {
         "accuracy": per_category(expanded, verdicts),

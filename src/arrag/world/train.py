@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from arrag.backends.builtin import load_vq
+from arrag.backends.builtin import load_transformer, load_vq
 from arrag.keys import codebook_fingerprint
 from arrag.models.transformer import ImageTransformer, TransformerConfig, encode_captions
 from arrag.models.vq import VQConfig, VQModel
@@ -174,8 +174,15 @@ def train_generator(
     caption_dropout: float = 0.1,
     config: TransformerConfig = BUILTIN_TRANSFORMER,
     command: str = "",
+    init: Path | None = None,
+    learning_rate: float = 1e-3,
+    warmup_steps: int = 100,
 ) -> ImageTransformer:
-    """Train the text-to-image transformer on tokenized train-pool scenes; captions dropped for CFG."""
+    """Train the text-to-image transformer on tokenized train-pool scenes; captions dropped for CFG.
+
+    ``init`` starts from a trained generator's folder (its weights; a fresh optimiser and schedule), which
+    continues a finished run without its checkpoint.
+    """
     tokenizer = load_vq(tokenizer_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset_path = out / DATASET_FILE
@@ -185,7 +192,10 @@ def train_generator(
     data = np.load(dataset_path, allow_pickle=False)
     captions, tokens = data["captions"].tolist(), torch.from_numpy(data["tokens"].astype(np.int64))
     torch.manual_seed(seed)
-    model = ImageTransformer(config)
+    model = ImageTransformer(config) if init is None else load_transformer(init)
+    if init is not None and model.config != config:
+        raise ValueError(f"--init {init} holds a generator of another shape than the recipe's: {model.config}")
+    model.requires_grad_(True)
     prefix = config.max_text_len + 1
 
     def loss_at(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -200,8 +210,8 @@ def train_generator(
     train_config = TrainConfig(
         steps=steps,
         batch_size=batch_size,
-        learning_rate=1e-3,
-        warmup_steps=100,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
         weight_decay=0.05,
         checkpoint_every=100,
         seed=seed,
@@ -215,6 +225,7 @@ def train_generator(
         "tokenizer_fingerprint": codebook_fingerprint(tokenizer.codebook.weight),
         "scenes": scenes,
         "caption_dropout": caption_dropout,
+        "initialised_from": None if init is None else str(init),
         "command": command,
         **WORLD_DESCRIPTION,
     }

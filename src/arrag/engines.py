@@ -1,0 +1,145 @@
+"""Build engines: run one stage (:mod:`arrag.stages`) over many shards, here or on Ray Data.
+
+A stage is a picklable object with ``name``, ``gpu`` (whether it wants an accelerator where there is one),
+``setup(device) -> context`` — what a worker loads once — and ``__call__(context, task) -> result``, both
+tasks and results being JSON-able dicts. Both engines call the very same stage objects; they differ only in
+where and how many at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+EngineName = Literal["local", "ray"]
+ENGINES: tuple[EngineName, ...] = ("local", "ray")
+
+
+class Stage(Protocol):
+    name: str
+    gpu: bool
+
+    def setup(self, device: str | None) -> Any: ...
+
+    def __call__(self, context: Any, task: dict) -> dict: ...
+
+
+class LocalEngine:
+    """Runs the tasks one after another in this process; needs nothing but arrag."""
+
+    name = "local"
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run(self, stage: Stage, tasks: Sequence[dict]) -> Iterator[dict]:
+        """Results in task order, each as soon as it is done."""
+        if not tasks:
+            return
+        context = stage.setup(None)
+        for task in tasks:
+            yield stage(context, task)
+
+
+class _StageActor:
+    """A Ray Data actor: sets the stage up once, then runs it on each batch of tasks."""
+
+    def __init__(self, stage: Stage, device: str | None):
+        self.stage = stage
+        self.context = stage.setup(device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [json.dumps(self.stage(self.context, json.loads(task))) for task in batch["task"]]
+        return {"result": np.array(results, dtype=object)}
+
+
+@dataclass
+class RayEngine:
+    """Runs the tasks on Ray Data: an actor pool per stage, one task per batch, streamed back as they finish.
+
+    Without ``address`` it starts Ray inside this process (``ray.init``) for the machine's cores and stops it
+    on exit; with an address (``HOST:PORT`` or ``auto``) it joins that cluster, whose workers must have arrag
+    installed and see the database folder at the same path (a shared file system). Stages that want an
+    accelerator get one GPU per actor where the cluster has GPUs.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+    name: str = "ray"
+
+    def __post_init__(self) -> None:
+        self._started = False
+
+    def __enter__(self) -> RayEngine:
+        import ray
+
+        if not ray.is_initialized():
+            if self.address is not None:
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=self.num_cpus,
+                    object_store_memory=self.object_store_memory,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
+            self._started = True
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the build shows its own, per stage
+        context.print_on_execution_start = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        if self._started:
+            ray.shutdown()
+            self._started = False
+
+    def run(self, stage: Stage, tasks: Sequence[dict]) -> Iterator[dict]:
+        """Results in completion order."""
+        if not tasks:
+            return
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if stage.gpu else 0
+        workers = gpus or max(1, min(int(resources.get("CPU", 1)), len(tasks)))
+        dataset = ray.data.from_items([{"task": json.dumps(task)} for task in tasks], override_num_blocks=len(tasks))
+        dataset = dataset.map_batches(
+            _StageActor,
+            fn_constructor_args=(stage, "cuda" if gpus else None),
+            batch_size=1,
+            concurrency=workers,
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+        )
+        logger.info("%s: %d tasks on %d Ray actors (%s)", stage.name, len(tasks), workers, "GPU" if gpus else "CPU")
+        for row in dataset.iter_rows():
+            yield json.loads(row["result"])
+
+
+def make_engine(name: EngineName, address: str | None = None) -> LocalEngine | RayEngine:
+    """``local`` or ``ray`` (an embedded Ray, or the cluster at ``address``)."""
+    if name == "local":
+        if address is not None:
+            raise ValueError("--address is for the ray engine")
+        return LocalEngine()
+    if name == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as error:
+            raise ValueError('the ray engine needs Ray Data: pip install "arrag[scale]"') from error
+        return RayEngine(address=address)
+    raise ValueError(f"engine must be one of {ENGINES}, got {name!r}")

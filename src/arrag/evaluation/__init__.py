@@ -1,0 +1,1 @@
+"""Measuring AR-RAG on the built-in world: the experiment, its statistics and its report."""

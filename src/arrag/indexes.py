@@ -1,0 +1,262 @@
+"""FAISS indexes over patch keys: factory strings, the lossless codebook PQ, training, merging, on-disk lists.
+
+An :class:`IndexConfig` names the index with a description:
+
+- any FAISS factory string — ``Flat``, ``IVF4096,PQ8``, ``OPQ8,IVF4096,PQ8`` (the paper's), ``HNSW32``,
+  ``IVF1024,PQ16x4fs`` ...; indexes without ids of their own are wrapped in an ``IndexIDMap``;
+- ``CodebookPQ`` and ``IVF<n>,CodebookPQ``: a product quantizer with one sub-quantizer per neighbour cell
+  whose centroids are the L2-normalised codebook (plus the zero vector for cells off the grid). A codebook
+  key is a concatenation of such vectors, so its code — the neighbours' token ids — is exact, distances are
+  exact, and a key takes ``ceil(neighbours · log2(codebook size) / 8)`` bytes. Nothing is trained but the
+  optional IVF coarse quantizer.
+
+Every index stores entries under the 64-bit ids of :class:`arrag.database.IdLayout`. Shapes: M entries,
+D key length, n neighbour cells per key, V codebook size, d code size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_CODEBOOK_PQ = re.compile(r"(?:IVF(\d+),)?CodebookPQ")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which FAISS index a database uses and how it is trained and searched.
+
+    Attributes:
+        description: a FAISS factory string, ``CodebookPQ`` or ``IVF<n>,CodebookPQ``.
+        on_disk: keep the inverted lists in a memory-mapped ``.ivfdata`` file beside the index (IVF only),
+            for databases larger than RAM.
+        search_params: FAISS ``ParameterSpace`` settings applied whenever the index is opened, e.g.
+            ``nprobe=32`` or ``efSearch=128``; they reach indexes wrapped in OPQ or id maps.
+        train_size: keys sampled (evenly over the database) to train quantizers.
+    """
+
+    description: str = "Flat"
+    on_disk: bool = False
+    search_params: str = ""
+    train_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not self.description.strip():
+            raise ValueError("an index description is needed, e.g. Flat, IVF1024,CodebookPQ or OPQ8,IVF4096,PQ8")
+        if self.train_size < 1:
+            raise ValueError(f"train_size must be >= 1, got {self.train_size}")
+        if self.on_disk and not self.is_ivf:
+            raise ValueError(f"on-disk inverted lists need an IVF index, not {self.description!r}")
+        for setting in filter(None, self.search_params.split(",")):
+            name, _, value = setting.partition("=")
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(f"search_params are name=number pairs like nprobe=32, got {setting!r}") from None
+            if not name:
+                raise ValueError(f"search_params are name=number pairs like nprobe=32, got {setting!r}")
+
+    @property
+    def codebook_pq(self) -> bool:
+        return _CODEBOOK_PQ.fullmatch(self.description) is not None
+
+    @property
+    def is_ivf(self) -> bool:
+        return "IVF" in self.description
+
+    @property
+    def nlist(self) -> int | None:
+        match = re.search(r"IVF(\d+)", self.description)
+        return int(match.group(1)) if match else None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "description": self.description,
+            "on_disk": self.on_disk,
+            "search_params": self.search_params,
+            "train_size": self.train_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> IndexConfig:
+        return cls(
+            description=data["description"],
+            on_disk=data.get("on_disk", False),
+            search_params=data.get("search_params", ""),
+            train_size=data.get("train_size", 100_000),
+        )
+
+
+def codebook_bits(codebook_size: int, with_zero: bool) -> int:
+    """Bits per neighbour in a codebook PQ code: enough for V tokens, plus one for the zero cell if needed."""
+    return max(1, math.ceil(math.log2(codebook_size + int(with_zero))))
+
+
+def codebook_pq_table(codebook: np.ndarray, bits: int) -> np.ndarray:
+    """(2**bits, d) centroid table of one sub-quantizer: the unit codebook, then zero rows (row V: off the grid)."""
+    table = np.zeros((1 << bits, codebook.shape[1]), dtype=np.float32)
+    table[: len(codebook)] = codebook
+    return table
+
+
+def make_index(config: IndexConfig, key_dim: int, cells: int, codebook: np.ndarray | None = None) -> faiss.Index:
+    """An empty index for ``key_dim``-long keys made of ``cells`` cells.
+
+    Args:
+        config: which index.
+        key_dim: D.
+        cells: n, the neighbour cells per key (D = n·d).
+        codebook: (V, d) unit codebook vectors; needed by the codebook PQ, whose index is then ready to add to
+            (or, under IVF, ready once its coarse quantizer is trained).
+    """
+    match = _CODEBOOK_PQ.fullmatch(config.description)
+    if match:
+        if codebook is None:
+            raise ValueError("a CodebookPQ index needs the tokenizer's codebook")
+        if key_dim != cells * codebook.shape[1]:
+            raise ValueError(f"CodebookPQ keys must be {cells} codebook vectors of {codebook.shape[1]} values")
+        bits = codebook_bits(len(codebook), with_zero=True)
+        if bits > 16:
+            raise ValueError(f"CodebookPQ supports codebooks of up to 65,535 codes, not {len(codebook)}")
+        nlist = match.group(1)
+        factory = f"IVF{nlist},PQ{cells}x{bits}" if nlist else f"PQ{cells}x{bits}"
+        index = faiss.index_factory(key_dim, factory)
+        pq_index = faiss.downcast_index(faiss.extract_index_ivf(index) if nlist else index)
+        if nlist:
+            pq_index.by_residual = False  # codes hold the keys themselves, not residuals from list centroids
+        tables = np.tile(codebook_pq_table(codebook, bits), (cells, 1))  # (n·2**bits, d)
+        faiss.copy_array_to_vector(tables.ravel(), pq_index.pq.centroids)
+        if not nlist:
+            pq_index.is_trained = True
+            return faiss.IndexIDMap(index)
+        return index
+    try:
+        index = faiss.index_factory(key_dim, config.description, faiss.METRIC_L2)
+    except RuntimeError as error:
+        raise ValueError(f"FAISS cannot make index {config.description!r}: {str(error).splitlines()[-1]}") from error
+    if faiss.try_extract_index_ivf(index) is None and not config.description.startswith("IDMap"):
+        index = faiss.IndexIDMap(index)
+    return index
+
+
+def needs_training(index: faiss.Index) -> bool:
+    return not index.is_trained
+
+
+def train(index: faiss.Index, config: IndexConfig, sample: np.ndarray, seed: int = 0) -> None:
+    """Train ``index`` on (S, D) sample keys; for the codebook PQ only the IVF coarse quantizer is trained."""
+    nlist = config.nlist
+    if nlist is not None and len(sample) < nlist:
+        raise ValueError(
+            f"{config.description} needs at least {nlist} training keys, the database has {len(sample)}; "
+            f"choose fewer lists (IVF{max(1, len(sample) // 39)} suits it)"
+        )
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if config.codebook_pq:
+        ivf = faiss.extract_index_ivf(index)
+        kmeans = faiss.Kmeans(sample.shape[1], nlist, niter=20, seed=seed, spherical=False)
+        kmeans.train(sample)
+        ivf.quantizer.add(kmeans.centroids)
+        ivf.is_trained = True
+        index.is_trained = True
+        return
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    index.train(sample)
+
+
+def pack_codes(cells: np.ndarray, bits: int) -> np.ndarray:
+    """(M, n) neighbour token ids -> (M, ceil(n·bits/8)) uint8 PQ codes in FAISS's little-endian bit order."""
+    cells = np.asarray(cells, dtype=np.int64)
+    bit_matrix = ((cells[:, :, None] >> np.arange(bits)) & 1).astype(np.uint8)  # (M, n, bits)
+    return np.packbits(bit_matrix.reshape(len(cells), -1), axis=1, bitorder="little")
+
+
+def add_entries(index: faiss.Index, config: IndexConfig, keys: np.ndarray, ids: np.ndarray, cells: np.ndarray) -> None:
+    """Add (M, D) keys under (M,) ids; the codebook PQ stores the (M, n) neighbour tokens ``cells`` as its codes."""
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if not config.codebook_pq:
+        index.add_with_ids(keys, ids)
+        return
+    ivf = faiss.try_extract_index_ivf(index)
+    pq_index = faiss.downcast_index(ivf if ivf is not None else faiss.downcast_index(index).index)
+    codes = pack_codes(cells, pq_index.pq.nbits)  # (M, code_size)
+    if ivf is not None:
+        lists = ivf.quantizer.assign(keys, 1).ravel()  # (M,)
+        coarse = lists.astype("<i8").view(np.uint8).reshape(-1, 8)[:, : ivf.coarse_code_size()]
+        codes = np.ascontiguousarray(np.concatenate([coarse, codes], axis=1))
+    index.add_sa_codes(codes, ids)
+
+
+def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def shard_template(template: faiss.Index) -> faiss.Index:
+    """An empty index to build one shard of a database in: a copy of the trained empty ``template``; for HNSW,
+    whose graphs cannot be merged, an id-mapped flat index whose keys :func:`merge_into` inserts into the graph."""
+    if _hnsw(template) is not None:
+        return faiss.IndexIDMap(faiss.IndexFlatL2(template.d))
+    return faiss.clone_index(template)
+
+
+def merge_into(base: faiss.Index, part: faiss.Index) -> None:
+    """Move every entry of ``part`` (a :func:`shard_template` of ``base``'s template) into ``base``."""
+    if _hnsw(base) is not None:
+        if part.ntotal:
+            keys = faiss.downcast_index(part.index).reconstruct_n(0, part.ntotal)  # (M, D)
+            base.add_with_ids(keys, faiss.vector_to_array(part.id_map))
+        return
+    base.merge_from(part, 0)
+
+
+def merge_on_disk(
+    template: faiss.Index, parts: list[Path], ivfdata: Path, base: faiss.Index | None = None
+) -> faiss.Index:
+    """Merge the inverted lists of IVF index files into ``ivfdata`` (memory-mapped) under ``template``.
+
+    As ``faiss.contrib.ondisk.merge_ondisk``: the part files are memory-mapped, not loaded. ``base``, an
+    open on-disk index, goes first: that is how :func:`arrag.build.add_to_database` grows an on-disk database
+    (its lists cannot be opened with ``IO_FLAG_MMAP``).
+    """
+    template_ivf = faiss.extract_index_ivf(template)
+    if template.ntotal:
+        raise ValueError("merge_on_disk needs an empty trained template")
+    opened = [base] if base is not None else []
+    opened += [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in parts]
+    pointers = faiss.InvertedListsPtrVector()
+    for index in opened:  # kept open until the merge is done
+        pointers.push_back(faiss.extract_index_ivf(index).invlists)
+    merged = faiss.OnDiskInvertedLists(template_ivf.nlist, template_ivf.code_size, str(ivfdata))
+    total = merged.merge_from_multiple(pointers.data(), pointers.size(), False)
+    template.ntotal = template_ivf.ntotal = total
+    template_ivf.replace_invlists(merged, True)
+    merged.this.disown()
+    return template
+
+
+def set_search_params(index: faiss.Index, params: str) -> None:
+    """Apply ``name=value,...`` search parameters through ``faiss.ParameterSpace``, which reaches wrapped
+    indexes (OPQ pre-transforms, id maps) where setting ``index.nprobe`` in Python silently does nothing."""
+    if not params:
+        return
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as error:
+        raise ValueError(f"search parameters {params!r} do not apply to this index: {error}") from error
+
+
+def read_index(path: Path) -> faiss.Index:
+    """Read an index file; on-disk inverted lists are looked up beside it, so a database folder can move."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)

@@ -1,0 +1,260 @@
+"""The stages of a database build, each a function over one shard that writes its result atomically.
+
+    read/decode ─▶ tokenize (batched) ─▶ token shard (Parquet)      :func:`tokenize_shard`
+    token shard ─▶ keys ─▶ index shard (FAISS file)                    :func:`index_shard`
+
+A shard's output file appears under its final name only when complete, and the tokenize stage writes a
+small JSON record after its Parquet file, so a build killed at any point knows exactly which shards are
+done. Both build engines call these functions; :class:`TokenizeStage` and :class:`IndexStage` wrap them
+with what a worker loads once (the tokenizer; the trained empty index).
+
+Shapes: N images, R·C cells per token grid, d code size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from arrag import indexes
+from arrag.backends import Backend, BackendRef
+from arrag.database import DatabaseSpec, make_entries
+from arrag.indexes import IndexConfig
+from arrag.keys import KeySource
+from arrag.sources import Item, ShardSpec, read_shard
+
+logger = logging.getLogger(__name__)
+
+TOKENS_DIR = "tokens"
+STATE_DIR = "build"  # in-progress state of a build; removed when the database is complete
+
+
+def token_file(index: int) -> str:
+    """Path of shard ``index``'s token file, relative to the database folder."""
+    return f"{TOKENS_DIR}/shard-{index:06d}.parquet"
+
+
+def tokenized_record(directory: Path, index: int) -> Path:
+    return directory / STATE_DIR / "tokenized" / f"{index:06d}.json"
+
+
+def index_shard_file(directory: Path, index: int) -> Path:
+    return directory / STATE_DIR / "index" / f"shard-{index:06d}.faiss"
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` and move the result to ``path``: readers see all of it or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: object) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token shards
+
+
+def write_token_shard(path: Path, names: list[str], tokens: np.ndarray, latents: np.ndarray | None) -> None:
+    """(N, R·C) tokens (and (N, R·C, d) encoder latents for latent keys) with their source names -> Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {
+        "source": pa.array(names, type=pa.string()),
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.astype(np.int32).ravel()), tokens.shape[1]),
+    }
+    if latents is not None:
+        flat = pa.array(latents.astype(np.float32).ravel())
+        columns["latents"] = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(latents.shape[1:])))
+    write_atomically(path, lambda tmp: pq.write_table(pa.table(columns), tmp))
+
+
+@dataclass
+class TokenShard:
+    names: list[str]
+    tokens: np.ndarray  # (N, R·C) int64
+    latents: np.ndarray | None  # (N, R·C, d) float32 when the database keys are encoder latents
+
+
+def read_token_shard(
+    path: Path, cell_dim: int, columns: tuple[str, ...] = ("source", "tokens", "latents")
+) -> TokenShard:
+    """Read a token shard written by :func:`write_token_shard` (only ``columns`` of it)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=[c for c in columns if c in pq.read_schema(path).names])
+    n = table.num_rows
+
+    def values(name: str) -> np.ndarray:
+        return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+    tokens = values("tokens").astype(np.int64).reshape(n, -1) if "tokens" in table.column_names else None
+    latents = values("latents").reshape(n, -1, cell_dim) if "latents" in table.column_names else None
+    names = table.column("source").to_pylist() if "source" in table.column_names else []
+    return TokenShard(names, tokens, latents)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 1: read, decode, tokenize
+
+
+@dataclass(frozen=True)
+class TokenizeJob:
+    """What every tokenize task shares: the database folder, the batch size and the key source."""
+
+    directory: str
+    batch_size: int = 32
+    key_source: KeySource = "codebook"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _batches(items: Iterator[Item], size: int, skipped: list[dict[str, str]]) -> Iterator[list[Item]]:
+    """Decoded items in lists of ``size``; items without an image go to ``skipped``."""
+    batch: list[Item] = []
+    for item in items:
+        if item.image is None:
+            logger.warning("skipping %s: %s", item.name, item.error)
+            skipped.append({"path": item.name, "reason": item.error})
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def tokenize_batch(backend: Backend, pixels: torch.Tensor, key_source: KeySource) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) preprocessed images -> (N, R·C) tokens and the (N, R·C, d) vectors their keys are made of:
+    the tokens' codebook vectors, or the encoder latents."""
+    tokens = backend.encode(pixels)  # (N, R·C)
+    vectors = backend.code_vectors(tokens) if key_source == "codebook" else backend.encode_latents(pixels)
+    return tokens.cpu(), vectors.float().cpu()
+
+
+@torch.no_grad()
+def tokenize_shard(shard: ShardSpec, backend: Backend, job: TokenizeJob) -> dict:
+    """Decode, preprocess and tokenize every image of ``shard``; write its token shard and its record.
+
+    Returns the record: shard index, token file, images tokenized, skipped items with reasons, seconds.
+    """
+    start = time.perf_counter()
+    directory = Path(job.directory)
+    names: list[str] = []
+    tokens: list[np.ndarray] = []
+    latents: list[np.ndarray] = []
+    skipped: list[dict[str, str]] = []
+    for batch in _batches(read_shard(shard), job.batch_size, skipped):
+        pixels = torch.stack([backend.preprocess(item.image) for item in batch])  # (B, 3, H, W)
+        batch_tokens, vectors = tokenize_batch(backend, pixels, job.key_source)  # (B, R·C), (B, R·C, d)
+        tokens.append(batch_tokens.numpy())
+        if job.key_source == "latents":
+            latents.append(vectors.numpy())
+        names += [item.name for item in batch]
+    grid = np.concatenate(tokens) if tokens else np.zeros((0, backend.grid.size), dtype=np.int64)
+    cells = np.concatenate(latents) if latents else np.zeros((0, backend.grid.size, backend.cell_dim), np.float32)
+    write_token_shard(directory / token_file(shard.index), names, grid, cells if job.key_source == "latents" else None)
+    record = {
+        "shard": shard.index,
+        "file": token_file(shard.index),
+        "images": len(names),
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_json(tokenized_record(directory, shard.index), record)
+    return record
+
+
+@dataclass(frozen=True)
+class TokenizeStage:
+    """Stage 1 for an engine: loads the tokenizer once per worker, then tokenizes shard after shard."""
+
+    backend: Backend | BackendRef
+    job: TokenizeJob
+    name: str = "tokenize"
+    gpu: bool = True  # an engine that has accelerators gives each tokenizer worker one
+
+    def setup(self, device: str | None) -> Backend:
+        if isinstance(self.backend, BackendRef):
+            return self.backend.load(device)
+        return self.backend
+
+    def __call__(self, backend: Backend, task: dict) -> dict:
+        return tokenize_shard(ShardSpec.from_dict(task), backend, self.job)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2: keys and index shards
+
+
+@dataclass(frozen=True)
+class IndexJob:
+    """What every index task shares: the database folder, spec, index and the trained empty index's file."""
+
+    directory: str
+    spec: DatabaseSpec
+    index: IndexConfig
+    template: str
+    codes: np.ndarray | None = None  # (V, d) code vectors of every token (keys.code_table), for codebook keys
+    chunk_images: int = 512  # images turned into keys at a time: bounds memory
+
+    def cell_vectors(self, shard: TokenShard, start: int, stop: int) -> torch.Tensor:
+        """(n, R·C, d) the vectors keys of images ``start:stop`` of ``shard`` are made of."""
+        if self.spec.key_source == "latents":
+            return torch.from_numpy(shard.latents[start:stop])
+        return torch.from_numpy(self.codes[shard.tokens[start:stop]])
+
+
+def shard_entries(job: IndexJob, shard: TokenShard, first_image: int) -> Iterator:
+    """The database entries of a token shard whose first image has id ``first_image``, in chunks."""
+    for start in range(0, len(shard.tokens), job.chunk_images):
+        stop = min(start + job.chunk_images, len(shard.tokens))
+        tokens = torch.from_numpy(shard.tokens[start:stop])
+        yield make_entries(job.spec, tokens, job.cell_vectors(shard, start, stop), first_image + start)
+
+
+def index_shard(task: dict, template: faiss.Index, job: IndexJob) -> dict:
+    """Add the entries of token shard ``task["shard"]`` (first image id ``task["first_image"]``) to a copy of
+    the trained empty ``template`` and write it as an index shard."""
+    start = time.perf_counter()
+    directory = Path(job.directory)
+    shard = read_token_shard(directory / token_file(task["shard"]), job.spec.cell_dim, ("tokens", "latents"))
+    index = indexes.shard_template(template)
+    for entries in shard_entries(job, shard, task["first_image"]):
+        indexes.add_entries(index, job.index, entries.keys, entries.ids, entries.cells)
+    path = index_shard_file(directory, task["shard"])
+    write_atomically(path, lambda tmp: faiss.write_index(index, str(tmp)))
+    return {"shard": task["shard"], "entries": int(index.ntotal), "seconds": round(time.perf_counter() - start, 3)}
+
+
+@dataclass(frozen=True)
+class IndexStage:
+    """Stage 2 for an engine: reads the trained empty index once per worker, then builds index shards."""
+
+    job: IndexJob
+    name: str = "index"
+    gpu: bool = False
+
+    def setup(self, device: str | None) -> faiss.Index:
+        return indexes.read_index(Path(self.job.template))
+
+    def __call__(self, template: faiss.Index, task: dict) -> dict:
+        return index_shard(task, template, self.job)

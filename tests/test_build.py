@@ -1,0 +1,253 @@
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from arrag.build import BuildConfig, add_to_database, build_database
+from arrag.database import PatchDatabase
+from arrag.grid import Neighbourhood
+from arrag.indexes import IndexConfig
+from arrag.sources import SourceConfig
+from arrag.stages import STATE_DIR
+from conftest import blob_images, database_from_images
+
+
+def entry_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in an index, sorted (id maps and IVF inverted lists)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return np.sort(faiss.vector_to_array(index.id_map))
+    lists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(ivf.nlist)]
+    return np.sort(np.concatenate(parts))
+
+
+def same_database(a: PatchDatabase, b: PatchDatabase) -> None:
+    assert a.sources == b.sources
+    assert np.array_equal(entry_ids(a.index), entry_ids(b.index))
+    queries = torch.randn(12, a.spec.key_dim, generator=torch.Generator().manual_seed(0))
+    for name in ("distances", "tokens", "image_ids", "positions"):
+        assert torch.equal(getattr(a.search(queries, 7), name), getattr(b.search(queries, 7), name)), name
+
+
+def same_entries_and_distances(a: PatchDatabase, b: PatchDatabase) -> None:
+    """Same entries and distances; the order of equally distant entries may differ (other IVF list layouts)."""
+    assert a.sources == b.sources
+    assert np.array_equal(entry_ids(a.index), entry_ids(b.index))
+    queries = torch.randn(12, a.spec.key_dim, generator=torch.Generator().manual_seed(0))
+    found_a, found_b = a.search(queries, 7), b.search(queries, 7)
+    assert torch.equal(found_a.distances, found_b.distances)
+    for row in range(len(queries)):
+        inside = found_a.distances[row] < found_a.distances[row, -1]
+        assert set(found_a.image_ids[row][inside].tolist()) == set(found_b.image_ids[row][inside].tolist())
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """14 good images in nested folders (PNG, JPEG, WebP), plus corrupt, truncated and non-image files."""
+    root = tmp_path_factory.mktemp("collection")
+    for i, image in enumerate(blob_images(14, seed=3)):
+        sub = root / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        image.save(sub / f"img{i:02d}.{['png', 'jpg', 'webp'][i % 3]}")
+    (root / "part0" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    data = (root / "part1" / "img01.jpg").read_bytes()
+    (root / "part1" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (root / "part2" / "text.webp").write_text("a text file with an image name")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+SMALL = BuildConfig(sources=SourceConfig(shard_size=3), batch_size=2)
+
+
+def test_a_folder_with_bad_files_builds_with_a_correct_report(backend, folder, tmp_path):
+    report = build_database(backend, [folder], tmp_path / "db", SMALL)
+    assert report.images_added == 14
+    assert report.shards == 6  # 17 image-named files in shards of 3
+    assert sorted(s["path"].rsplit("/", 1)[1] for s in report.skipped) == ["corrupt.png", "text.webp", "truncated.jpg"]
+    assert all("Error" in s["reason"] for s in report.skipped)
+    assert [i["path"] for i in report.ignored] == [str(folder / "notes.txt")]
+    assert json.loads((tmp_path / "db" / "build-report.json").read_text())["skipped"] == report.skipped
+    assert not (tmp_path / "db" / STATE_DIR).exists()
+    database = PatchDatabase.load(tmp_path / "db")
+    good = sorted(p for p in folder.rglob("img*"))
+    expected, _ = database_from_images(backend, [Image.open(p).convert("RGB") for p in good], Neighbourhood())
+    assert database.sources == [str(p) for p in good]
+    assert len(database) == report.entries == len(expected)
+    same_database(database, PatchDatabase(expected.spec, expected.index, database.sources))
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    assert [s["images"] for s in manifest["token_shards"]] == [2, 3, 3, 2, 3, 1]  # bad files sorted among good
+    assert report.bytes_per_entry > 0
+
+
+def test_kill_and_resume_gives_the_entries_of_an_uninterrupted_build(backend, folder, tmp_path):
+    config = BuildConfig(sources=SourceConfig(shard_size=3), batch_size=2, index=IndexConfig("IVF4,CodebookPQ"))
+    build_database(backend, [folder], tmp_path / "whole", config)
+    for stage, after in (("tokenize", 2), ("index", 3)):
+        out = tmp_path / f"killed-in-{stage}"
+        done: list[tuple[str, int]] = []
+
+        def die(name, record, stage=stage, after=after, done=done):
+            done.append((name, record["shard"]))
+            if sum(n == stage for n, _ in done) == after:
+                raise KeyboardInterrupt  # what a kill looks like from inside
+
+        with pytest.raises(KeyboardInterrupt):
+            build_database(backend, [folder], out, config, on_shard_done=die)
+        assert not (out / "manifest.json").exists()
+        with pytest.raises(FileExistsError, match="--resume"):
+            build_database(backend, [folder], out, config)
+        stamps = {p.name: p.stat().st_mtime_ns for p in (out / "tokens").glob("*.parquet")}
+        redone: list[tuple[str, int]] = []
+        report = build_database(
+            backend,
+            [folder],
+            out,
+            config,
+            resume=True,
+            on_shard_done=lambda n, r, redone=redone: redone.append((n, r["shard"])),
+        )
+        assert not set(redone) & set(done)  # no finished shard was done again
+        assert len(redone) + len(done) == 6 + 6
+        assert {p.name: p.stat().st_mtime_ns for p in (out / "tokens").glob("*.parquet")}.items() >= stamps.items()
+        assert report.shards_resumed == (2 if stage == "tokenize" else 6)
+        same_database(PatchDatabase.load(out), PatchDatabase.load(tmp_path / "whole"))
+
+
+def test_resume_refuses_other_inputs_or_settings(backend, folder, tmp_path):
+    def die(name, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_database(backend, [folder], tmp_path / "db", SMALL, on_shard_done=die)
+    with pytest.raises(ValueError, match="inputs"):
+        build_database(backend, [folder / "part0"], tmp_path / "db", SMALL, resume=True)
+    other = BuildConfig(sources=SMALL.sources, index=IndexConfig("CodebookPQ"))
+    with pytest.raises(ValueError, match="index"):
+        build_database(backend, [folder], tmp_path / "db", other, resume=True)
+    build_database(backend, [folder], tmp_path / "db", SMALL, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="no interrupted build"):
+        build_database(backend, [folder], tmp_path / "db", SMALL, resume=True)
+
+
+@pytest.mark.parametrize(("description", "on_disk"), [("Flat", False), ("IVF4,CodebookPQ", True), ("HNSW16", False)])
+def test_db_add_gives_the_database_of_one_build(backend, folder, tmp_path, description, on_disk):
+    exhaustive = "nprobe=4" if "IVF" in description else ""  # every list: exact, whatever the coarse quantizer
+    index = IndexConfig(description, on_disk, exhaustive, train_size=2000)
+    config = BuildConfig(sources=SourceConfig(shard_size=4), index=index)
+    whole = tmp_path / "whole"
+    build_database(backend, [folder / "part0", folder / "part1", folder / "part2"], whole, config)
+    grown = tmp_path / "grown"
+    build_database(backend, [folder / "part0"], grown, config)
+    add_to_database(backend, [folder / "part1"], grown, config)
+    report = add_to_database(backend, [folder / "part2"], grown, config)
+    assert report.images_added == 4
+    assert len(list(grown.glob("*.ivfdata"))) == int(on_disk)
+    a, b = PatchDatabase.load(grown), PatchDatabase.load(whole)
+    if description.startswith("HNSW"):  # another insertion order makes another graph: compare contents only
+        assert a.sources == b.sources and np.array_equal(entry_ids(a.index), entry_ids(b.index))
+    else:
+        same_entries_and_distances(a, b)
+
+
+def test_an_on_disk_database_matches_in_memory_and_can_be_moved(backend, folder, tmp_path):
+    config = BuildConfig(
+        sources=SourceConfig(shard_size=5), index=IndexConfig("IVF4,CodebookPQ", search_params="nprobe=4")
+    )
+    build_database(backend, [folder], tmp_path / "memory", config)
+    on_disk = BuildConfig(sources=config.sources, index=IndexConfig("IVF4,CodebookPQ", True, "nprobe=4"))
+    build_database(backend, [folder], tmp_path / "disk", on_disk)
+    shutil.move(tmp_path / "disk", tmp_path / "moved")
+    database = PatchDatabase.load(tmp_path / "moved")
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(database.index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists)
+    assert [p.name for p in (tmp_path / "moved").glob("*.ivfdata")] == ["index.ivfdata"]
+    same_database(database, PatchDatabase.load(tmp_path / "memory"))
+
+
+def test_codebook_pq_build_is_exact_and_smaller_than_flat(backend, folder, tmp_path):
+    flat = build_database(backend, [folder], tmp_path / "flat", SMALL)
+    pq_config = BuildConfig(sources=SMALL.sources, index=IndexConfig("CodebookPQ"))
+    pq = build_database(backend, [folder], tmp_path / "pq", pq_config)
+    a, b = PatchDatabase.load(tmp_path / "flat"), PatchDatabase.load(tmp_path / "pq")
+    queries = torch.randn(20, a.spec.key_dim, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(a.search(queries, 9).distances, b.search(queries, 9).distances, atol=1e-5)
+    assert faiss.downcast_index(b.index.index).pq.code_size == 4  # 4 neighbours × 7 bits (64 codes + the zero cell)
+    assert pq.bytes_per_entry < flat.bytes_per_entry / 3  # at this size mostly the 4 × 128 × 8 centroid table
+
+
+def test_tar_parquet_and_world_inputs(backend, folder, tmp_path):
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with tarfile.open(tmp_path / "shard.tar", "w") as archive:
+        for path in sorted(folder.rglob("img0*")):
+            archive.add(path, arcname=f"sample/{path.stem}.{path.suffix[1:]}")
+    images = [p.read_bytes() for p in sorted(folder.rglob("img1*"))]
+    pq.write_table(pa.table({"jpg": images}), tmp_path / "rows.parquet", row_group_size=2)
+    report = build_database(backend, [tmp_path / "shard.tar", tmp_path / "rows.parquet", "world:5"], tmp_path / "db")
+    assert report.images_added == 10 + 4 + 5
+    assert report.skipped == []
+    database = PatchDatabase.load(tmp_path / "db")
+    assert database.sources[-5].startswith("world-database-scene-0: ")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_engine_runs_the_same_stages_to_the_same_database(backend, folder, tmp_path, ray_cluster):
+    local = BuildConfig(sources=SourceConfig(shard_size=3), index=IndexConfig("IVF4,CodebookPQ", train_size=1000))
+    distributed = BuildConfig(**{**vars(local), "engine": "ray"})
+    build_database(backend, [folder], tmp_path / "local", local)
+    report = build_database(backend, [folder], tmp_path / "ray", distributed)
+    assert report.engine == "ray"
+    assert sorted(s["path"] for s in report.skipped) == sorted(
+        s["path"] for s in json.loads((tmp_path / "local" / "build-report.json").read_text())["skipped"]
+    )
+    same_database(PatchDatabase.load(tmp_path / "ray"), PatchDatabase.load(tmp_path / "local"))
+
+
+def test_cli_build_add_and_info(folder, tmp_path, capsys):
+    from arrag.cli import main
+
+    db = tmp_path / "db"
+    common = ["--backend", "tiny", "--shard-size", "3"]
+    index = ["--index", "IVF4,CodebookPQ", "--on-disk", "--search-params", "nprobe=2", "--train-size", "500"]
+    assert main(["db", "build", str(folder / "part0"), str(folder / "part1"), "--out", str(db), *common, *index]) == 0
+    assert main(["db", "add", str(db), str(folder / "part2"), "--shard-size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "built" in out and "added to" in out
+    assert "skipped" in out and "text.webp" in out
+    assert main(["db", "info", str(db)]) == 0
+    info = capsys.readouterr().out
+    manifest = json.loads(info[: info.index("\nentries:")])
+    assert manifest["counts"]["images"] == 14
+    assert manifest["index"] == {
+        "description": "IVF4,CodebookPQ",
+        "on_disk": True,
+        "search_params": "nprobe=2",
+        "train_size": 500,
+        "metric": "squared-l2",
+        "key_dim": 32,
+    }
+    assert manifest["preprocessing"] == {
+        "size": 32,
+        "crop": "centre",
+        "resample": "bicubic",
+        "value_range": [-1.0, 1.0],
+    }
+    assert f"entries: {14 * 42}" in info
+    assert "bytes per entry" in info
+    assert "token shards: 6" in info

@@ -1,0 +1,150 @@
+import math
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from arrag import indexes
+from arrag.database import DatabaseSpec, PatchDatabase, make_entries
+from arrag.grid import Grid, Neighbourhood
+from arrag.indexes import IndexConfig
+
+V, D_CELL = 50, 4  # a codebook size that is not a power of two
+SPEC = DatabaseSpec(
+    backend="synthetic",
+    grid=Grid(6, 7),
+    codebook_size=V,
+    codebook_fingerprint="x",
+    cell_dim=D_CELL,
+    neighbourhood=Neighbourhood(1, "zero"),  # keys with off-grid (zero) cells too
+)
+
+
+def unit_codebook(seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(V, D_CELL)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def token_grids(images: int, seed: int = 0) -> torch.Tensor:
+    """Zipf-like token grids: a few codes are common, so many keys repeat (ties, as in real databases)."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, V + 1)
+    return torch.from_numpy(rng.choice(V, size=(images, SPEC.grid.size), p=weights / weights.sum()))
+
+
+def filled(config: IndexConfig, images: int = 60, search_params: str = "") -> tuple[PatchDatabase, np.ndarray]:
+    codebook = unit_codebook()
+    config = IndexConfig(**{**config.to_dict(), "search_params": search_params})
+    database = PatchDatabase(SPEC, index_config=config, codebook=codebook)
+    tokens = token_grids(images)
+    vectors = torch.from_numpy(codebook[tokens])
+    if not database.index.is_trained:
+        database.train(make_entries(SPEC, tokens, vectors, 0).keys)
+    database.add(tokens, vectors, [f"image{i}" for i in range(images)])
+    return database, codebook
+
+
+def all_entries(images: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    tokens = token_grids(images)
+    entries = make_entries(SPEC, tokens, torch.from_numpy(unit_codebook()[tokens]), 0)
+    return entries.keys, entries.ids
+
+
+def queries(count: int = 40, seed: int = 1) -> torch.Tensor:
+    """Half exact database keys (distance-0 ties), half noisy ones."""
+    keys, _ = all_entries()
+    rng = np.random.default_rng(seed)
+    chosen = keys[rng.choice(len(keys), count, replace=False)]
+    chosen[count // 2 :] += rng.normal(0, 0.3, chosen[count // 2 :].shape).astype(np.float32)
+    return torch.from_numpy(chosen)
+
+
+def assert_exact(database: PatchDatabase, k: int = 10) -> None:
+    """Same distances as brute force, and every returned id's own key is at the returned distance."""
+    keys, ids = all_entries()
+    key_of = dict(zip(ids.tolist(), keys, strict=True))
+    q = queries()
+    found = database.search(q, k)
+    brute = ((q.numpy()[:, None, :] - keys[None]) ** 2).sum(-1)  # (B, N)
+    np.testing.assert_allclose(found.distances.numpy(), np.sort(brute, axis=1)[:, :k], atol=1e-5)
+    packed = database.layout.pack(found.image_ids.numpy(), found.positions.numpy(), found.tokens.numpy())
+    for row in range(len(q)):
+        own = [((q[row].numpy() - key_of[i]) ** 2).sum() for i in packed[row]]
+        np.testing.assert_allclose(own, found.distances[row].numpy(), atol=1e-5)
+
+
+def test_pack_codes_is_faiss_own_encoding_of_codebook_keys():
+    codebook = unit_codebook()
+    index = indexes.make_index(IndexConfig("CodebookPQ"), SPEC.key_dim, 4, codebook)
+    pq_index = faiss.downcast_index(index.index)
+    bits = pq_index.pq.nbits
+    assert bits == math.ceil(math.log2(V + 1))
+    cells = np.random.default_rng(0).integers(0, V + 1, size=(500, 4))  # V: the zero cell
+    table = np.concatenate([codebook, np.zeros((1, D_CELL), np.float32)])
+    keys = table[cells].reshape(500, -1)
+    np.testing.assert_array_equal(indexes.pack_codes(cells, bits), pq_index.sa_encode(keys))
+
+
+@pytest.mark.parametrize("description", ["CodebookPQ", "IVF8,CodebookPQ"])
+def test_codebook_pq_distances_are_exact_in_a_few_bytes(description):
+    database, _ = filled(IndexConfig(description), search_params="nprobe=8" if "IVF" in description else "")
+    pq_index = faiss.downcast_index(
+        faiss.extract_index_ivf(database.index) if "IVF" in description else database.index.index
+    )
+    assert pq_index.pq.code_size == math.ceil(4 * math.log2(V + 1) / 8) == 3  # 4 neighbours × 6 bits
+    assert_exact(database)
+
+
+def test_nprobe_reaches_an_opq_wrapped_ivf_and_changes_results():
+    """The paper's code sets index.nprobe on an OPQ pre-transform: older FAISS took it as a new Python attribute
+    and searched with nprobe=1; FAISS 1.15 refuses it. ParameterSpace sets the wrapped IVF's."""
+    database, _ = filled(IndexConfig("OPQ4,IVF16,Flat"), images=120)
+    q = queries()
+    one = database.search(q, 10)
+    with pytest.raises(AttributeError):
+        database.index.nprobe = 16
+    database.set_search_params("nprobe=16")
+    assert faiss.extract_index_ivf(database.index).nprobe == 16
+    every = database.search(q, 10)
+    assert not torch.equal(every.distances, one.distances)
+    assert (every.distances <= one.distances + 1e-6).all()
+    exact, _ = filled(IndexConfig("Flat"), images=120)
+    np.testing.assert_allclose(every.distances.numpy(), exact.search(q, 10).distances.numpy(), atol=1e-5)
+    assert database.manifest()["index"]["search_params"] == "nprobe=16"
+
+
+def test_search_params_are_saved_and_applied_on_load(tmp_path):
+    database, _ = filled(IndexConfig("IVF8,CodebookPQ"), search_params="nprobe=3")
+    database.save(tmp_path / "db")
+    loaded = PatchDatabase.load(tmp_path / "db")
+    assert faiss.extract_index_ivf(loaded.index).nprobe == 3
+    q = queries()
+    assert torch.equal(loaded.search(q, 5).distances, database.search(q, 5).distances)
+
+
+def test_hnsw_ef_search_is_set_through_the_id_map_and_widens_the_search():
+    database, _ = filled(IndexConfig("HNSW8"), search_params="efSearch=10")
+    q = queries()
+    narrow = database.search(q, 10).distances.sum()
+    database.set_search_params("efSearch=400")
+    assert faiss.downcast_index(database.index.index).hnsw.efSearch == 400
+    assert database.search(q, 10).distances.sum() < narrow
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="on-disk"):
+        IndexConfig("Flat", on_disk=True)
+    with pytest.raises(ValueError, match="name=number"):
+        IndexConfig("IVF8,Flat", search_params="nprobe")
+    with pytest.raises(ValueError, match="cannot make"):
+        indexes.make_index(IndexConfig("NotAnIndex"), 16, 4)
+    with pytest.raises(ValueError, match="codebook"):
+        indexes.make_index(IndexConfig("CodebookPQ"), 16, 4)
+    with pytest.raises(ValueError, match="training keys"):
+        indexes.train(
+            indexes.make_index(IndexConfig("IVF64,Flat"), 16, 4), IndexConfig("IVF64,Flat"), np.zeros((10, 16))
+        )
+    latent_spec = DatabaseSpec(**{**vars(SPEC), "key_source": "latents"})
+    with pytest.raises(ValueError, match="CodebookPQ"):
+        PatchDatabase(latent_spec, index_config=IndexConfig("CodebookPQ"), codebook=unit_codebook())
