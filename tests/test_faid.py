@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from arrag.backends.builtin import tiny_backend
 from arrag.config import GenerationConfig, RetrievalConfig
@@ -232,9 +233,6 @@ def test_the_training_ivf_probes_what_it_is_told(backend, database):
     assert (one.nearest(queries)[0] > exact + 1e-4).any()
 
 
-pytest.importorskip("peft")
-
-
 def test_tiny_janus_with_faid_and_lora_trains_then_generates(tmp_path):
     from arrag.backends.janus import JanusBackend
     from conftest import blob_images, database_from_images
@@ -258,3 +256,29 @@ def test_tiny_janus_with_faid_and_lora_trains_then_generates(tmp_path):
     )
     assert out.tokens.shape == (1, janus.grid.size) and (out.tokens >= 0).all()
     assert not any(m._forward_hooks for m in janus.model.modules())
+
+
+def test_training_from_sampled_queries_saves_an_adapter_the_cli_generates_with(tmp_path, backend, database):
+    from arrag.cli import main
+
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, backend.codebook_size, (12, backend.grid.size), generator=generator).numpy()
+    captions = ["a red 7", "two blue 3s", "a 5 left of a 1"] * 4
+    train_config = TrainConfig(steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=3)
+    out = tmp_path / "adapter"
+    adapter = train_faid(
+        backend, captions, tokens, database, out, FaidConfig(k=4), train_config, "sampled", 0.5, {"command": "test"}
+    )
+    description = json.loads((out / "config.json").read_text())
+    assert description["query_source"] == "sampled" and description["command"] == "test"
+    assert description["trainable_parameters"] == adapter.trainable_parameters()
+    saved = set(load_file(out / "model.safetensors"))
+    assert saved == set(adapter.state_dict()) and not any("blocks" in name for name in saved)  # adapter only
+    with pytest.raises(ValueError, match="weights"):
+        load_adapter(out, tiny_backend(seed=1))  # another base model
+    database.save(tmp_path / "db")
+    args = ["generate", "a red 7", "--backend", "tiny", "--db", str(tmp_path / "db"), "--method", "faid"]
+    assert main([*args, "--faid", str(out), "--out", str(tmp_path / "images")]) == 0
+    sidecars = list((tmp_path / "images").glob("*.json"))
+    assert sidecars and json.loads(sidecars[0].read_text())["config"]["method"] == "faid"
+    assert main(args) == 2  # no adapter is shipped for the tiny backend

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from arrag.config import RetrievalConfig
 from arrag.decoding.loop import PatchRetriever
 from arrag.grid import Grid, Neighbourhood
 from arrag.keys import codebook_fingerprint, patch_keys
@@ -41,7 +40,7 @@ def test_patch_keys_match_hand_built_keys(hops):
 def test_decoding_queries_equal_database_keys(backend, neighbourhood):
     """Replaying a database image token by token gives, at each eligible position, exactly its stored key."""
     database, tokens = database_from_images(backend, blob_images(3, seed=5), neighbourhood)
-    retriever = PatchRetriever(backend, database, RetrievalConfig(k=len(database)), rows=3)
+    retriever = PatchRetriever(backend, database, k=len(database), rows=3)
     for t in range(backend.grid.size):
         if t in retriever.eligible:
             found = retriever.search(t)

@@ -58,7 +58,7 @@ def test_each_row_draws_from_its_own_generator():
         (lambda: RetrievalConfig(temperature=-1), "τ"),
         (lambda: RetrievalConfig(k=0), "k must be an integer"),
         (lambda: RetrievalConfig(duplicates="max"), "duplicates"),  # type: ignore[arg-type]
-        (lambda: GenerationConfig(method="faid"), "method"),  # type: ignore[arg-type]
+        (lambda: GenerationConfig(method="knn"), "method"),  # type: ignore[arg-type]
         (lambda: GenerationConfig(num_images_per_prompt=0), "num_images_per_prompt"),
     ],
 )
