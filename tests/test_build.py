@@ -177,7 +177,7 @@ def test_codebook_pq_build_is_exact_and_smaller_than_flat(backend, folder, tmp_p
     a, b = PatchDatabase.load(tmp_path / "flat"), PatchDatabase.load(tmp_path / "pq")
     queries = torch.randn(20, a.spec.key_dim, generator=torch.Generator().manual_seed(1))
     np.testing.assert_allclose(a.search(queries, 9).distances, b.search(queries, 9).distances, atol=1e-5)
-    assert faiss.downcast_index(b.index.index).pq.code_size == 4  # 4 neighbours × 7 bits (64 codes + the zero cell)
+    assert faiss.downcast_index(b.index.index).pq.code_size == 3  # 4 neighbours × 6 bits (64 codes)
     assert pq.bytes_per_entry < flat.bytes_per_entry / 3  # at this size mostly the 4 × 128 × 8 centroid table
 
 

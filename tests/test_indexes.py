@@ -76,7 +76,7 @@ def assert_exact(database: PatchDatabase, k: int = 10) -> None:
 
 def test_pack_codes_is_faiss_own_encoding_of_codebook_keys():
     codebook = unit_codebook()
-    index = indexes.make_index(IndexConfig("CodebookPQ"), SPEC.key_dim, 4, codebook)
+    index = SPEC.empty_index(IndexConfig("CodebookPQ"), codebook)
     pq_index = faiss.downcast_index(index.index)
     bits = pq_index.pq.nbits
     assert bits == math.ceil(math.log2(V + 1))
@@ -141,6 +141,12 @@ def test_bad_configs_are_refused():
         indexes.make_index(IndexConfig("NotAnIndex"), 16, 4)
     with pytest.raises(ValueError, match="codebook"):
         indexes.make_index(IndexConfig("CodebookPQ"), 16, 4)
+    without_zero = indexes.make_index(IndexConfig("CodebookPQ"), 16, 4, unit_codebook(), zero_cells=False)
+    assert faiss.downcast_index(without_zero.index).pq.nbits == math.ceil(math.log2(V))
+    with pytest.raises(ValueError, match="does not fit"):  # a zero cell in a database without them
+        indexes.add_entries(
+            without_zero, IndexConfig("CodebookPQ"), np.zeros((1, 16)), np.zeros(1), np.full((1, 4), 64)
+        )
     with pytest.raises(ValueError, match="training keys"):
         indexes.train(
             indexes.make_index(IndexConfig("IVF64,Flat"), 16, 4), IndexConfig("IVF64,Flat"), np.zeros((10, 16))

@@ -379,7 +379,7 @@ def _template(
         write_atomically(path, lambda tmp: shutil.copyfile(existing, tmp))
         return path
     codebook = unit_codebook(codes) if codes is not None else None
-    index = indexes.make_index(config, spec.key_dim, len(spec.neighbourhood.offsets), codebook)
+    index = spec.empty_index(config, codebook)
     if not index.is_trained:
         if plan["kind"] == "add":
             raise ValueError(f"{directory} has no {TEMPLATE_FILE} to add to its {config.description} index")

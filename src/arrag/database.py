@@ -77,6 +77,11 @@ class DatabaseSpec:
             key_source=key_source,
         )
 
+    def empty_index(self, config: IndexConfig, codebook: np.ndarray | None = None) -> faiss.Index:
+        """An empty index of ``config`` for this spec's keys (``codebook``: (V, d) unit vectors, for CodebookPQ)."""
+        zero_cells = self.neighbourhood.missing == "zero"
+        return indexes.make_index(config, self.key_dim, len(self.neighbourhood.offsets), codebook, zero_cells)
+
     def to_dict(self) -> dict[str, object]:
         return {
             "backend": self.backend,
@@ -237,7 +242,7 @@ class PatchDatabase:
         if self.index_config.codebook_pq and spec.key_source != "codebook":
             raise ValueError("a CodebookPQ index stores codebook keys; this database's keys are encoder latents")
         if index is None:
-            index = indexes.make_index(self.index_config, spec.key_dim, len(spec.neighbourhood.offsets), codebook)
+            index = spec.empty_index(self.index_config, codebook)
         self.index = index
         if self.index.d != spec.key_dim:
             raise ValueError(f"index has dimension {self.index.d}, the spec's keys have {spec.key_dim}")

@@ -1,7 +1,7 @@
 """Build engines: run one stage (:mod:`arrag.stages`) over many shards, here or on Ray Data.
 
 A stage is a picklable object with ``name``, ``gpu`` (whether it wants an accelerator where there is one),
-``setup(device) -> context`` — what a worker loads once — and ``__call__(context, task) -> result``, both
+``setup(device) -> context`` — what a worker loads once per stage — and ``__call__(context, task) -> result``, both
 tasks and results being JSON-able dicts. Both engines call the very same stage objects; they differ only in
 where and how many at a time.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -51,21 +52,25 @@ class LocalEngine:
             yield stage(context, task)
 
 
-class _StageActor:
-    """A Ray Data actor: sets the stage up once, then runs it on each batch of tasks."""
+_CONTEXTS: dict[str, Any] = {}  # in a Ray worker process: the set-up context of the stage run it last served
 
-    def __init__(self, stage: Stage, device: str | None):
-        self.stage = stage
-        self.context = stage.setup(device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [json.dumps(self.stage(self.context, json.loads(task))) for task in batch["task"]]
-        return {"result": np.array(results, dtype=object)}
+def _run_batch(batch: dict[str, np.ndarray], stage: Stage, run: str, device: str | None) -> dict[str, np.ndarray]:
+    """A Ray Data task: run ``stage`` on a batch of tasks, setting it up once per worker process and run."""
+    if run not in _CONTEXTS:
+        _CONTEXTS.clear()  # a finished stage's context (a tokenizer, say) is not needed any more
+        _CONTEXTS[run] = stage.setup(device)
+    results = [json.dumps(stage(_CONTEXTS[run], json.loads(task))) for task in batch["task"]]
+    return {"result": np.array(results, dtype=object)}
 
 
 @dataclass
 class RayEngine:
-    """Runs the tasks on Ray Data: an actor pool per stage, one task per batch, streamed back as they finish.
+    """Runs the tasks on Ray Data, one shard per Ray task, results streamed back as they finish.
+
+    Ray tasks rather than an actor pool per stage: worker processes outlive a stage, so the second stage
+    does not wait for new processes to start and import torch and FAISS; each process sets a stage up
+    (loads the tokenizer, reads the trained index) once, on its first task of that stage.
 
     Without ``address`` it starts Ray inside this process (``ray.init``) for the machine's cores and stops it
     on exit; with an address (``HOST:PORT`` or ``auto``) it joins that cluster, whose workers must have arrag
@@ -118,14 +123,14 @@ class RayEngine:
         workers = gpus or max(1, min(int(resources.get("CPU", 1)), len(tasks)))
         dataset = ray.data.from_items([{"task": json.dumps(task)} for task in tasks], override_num_blocks=len(tasks))
         dataset = dataset.map_batches(
-            _StageActor,
-            fn_constructor_args=(stage, "cuda" if gpus else None),
+            _run_batch,
+            fn_args=(stage, uuid.uuid4().hex, "cuda" if gpus else None),
             batch_size=1,
             concurrency=workers,
             num_gpus=1 if gpus else 0,
             num_cpus=1,
         )
-        logger.info("%s: %d tasks on %d Ray actors (%s)", stage.name, len(tasks), workers, "GPU" if gpus else "CPU")
+        logger.info("%s: %d tasks on %d Ray workers (%s)", stage.name, len(tasks), workers, "GPU" if gpus else "CPU")
         for row in dataset.iter_rows():
             yield json.loads(row["result"])
 

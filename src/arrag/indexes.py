@@ -4,11 +4,12 @@ An :class:`IndexConfig` names the index with a description:
 
 - any FAISS factory string — ``Flat``, ``IVF4096,PQ8``, ``OPQ8,IVF4096,PQ8`` (the paper's), ``HNSW32``,
   ``IVF1024,PQ16x4fs`` ...; indexes without ids of their own are wrapped in an ``IndexIDMap``;
-- ``CodebookPQ`` and ``IVF<n>,CodebookPQ``: a product quantizer with one sub-quantizer per neighbour cell
-  whose centroids are the L2-normalised codebook (plus the zero vector for cells off the grid). A codebook
-  key is a concatenation of such vectors, so its code — the neighbours' token ids — is exact, distances are
-  exact, and a key takes ``ceil(neighbours · log2(codebook size) / 8)`` bytes. Nothing is trained but the
-  optional IVF coarse quantizer.
+- ``CodebookPQ``, ``IVF<n>,CodebookPQ`` and ``IVF<n>_HNSW<m>,CodebookPQ``: a product quantizer with one
+  sub-quantizer per neighbour cell whose centroids are the L2-normalised codebook (plus the zero vector when
+  cells off the grid are zero-padded). A codebook key is a concatenation of such vectors, so its code — the
+  neighbours' token ids — is exact, distances are exact, and a key takes
+  ``ceil(neighbours · log2(codebook size) / 8)`` bytes. Nothing is trained but the optional IVF coarse
+  quantizer (searched through an HNSW graph with ``_HNSW<m>``, for many lists).
 
 Every index stores entries under the 64-bit ids of :class:`arrag.database.IdLayout`. Shapes: M entries,
 D key length, n neighbour cells per key, V codebook size, d code size.
@@ -27,7 +28,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-_CODEBOOK_PQ = re.compile(r"(?:IVF(\d+),)?CodebookPQ")
+_CODEBOOK_PQ = re.compile(r"(?:IVF(\d+)(_HNSW\d+)?,)?CodebookPQ")
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,16 @@ def codebook_bits(codebook_size: int, with_zero: bool) -> int:
 
 
 def codebook_pq_table(codebook: np.ndarray, bits: int) -> np.ndarray:
-    """(2**bits, d) centroid table of one sub-quantizer: the unit codebook, then zero rows (row V: off the grid)."""
+    """(2**bits, d) centroid table of one sub-quantizer: the unit codebook, then zero rows (row V: a cell off
+    the grid)."""
     table = np.zeros((1 << bits, codebook.shape[1]), dtype=np.float32)
     table[: len(codebook)] = codebook
     return table
 
 
-def make_index(config: IndexConfig, key_dim: int, cells: int, codebook: np.ndarray | None = None) -> faiss.Index:
+def make_index(
+    config: IndexConfig, key_dim: int, cells: int, codebook: np.ndarray | None = None, zero_cells: bool = False
+) -> faiss.Index:
     """An empty index for ``key_dim``-long keys made of ``cells`` cells.
 
     Args:
@@ -116,6 +120,8 @@ def make_index(config: IndexConfig, key_dim: int, cells: int, codebook: np.ndarr
         cells: n, the neighbour cells per key (D = n·d).
         codebook: (V, d) unit codebook vectors; needed by the codebook PQ, whose index is then ready to add to
             (or, under IVF, ready once its coarse quantizer is trained).
+        zero_cells: whether keys hold zero vectors for cells off the grid (the codebook PQ then needs a code
+            for them).
     """
     match = _CODEBOOK_PQ.fullmatch(config.description)
     if match:
@@ -123,11 +129,11 @@ def make_index(config: IndexConfig, key_dim: int, cells: int, codebook: np.ndarr
             raise ValueError("a CodebookPQ index needs the tokenizer's codebook")
         if key_dim != cells * codebook.shape[1]:
             raise ValueError(f"CodebookPQ keys must be {cells} codebook vectors of {codebook.shape[1]} values")
-        bits = codebook_bits(len(codebook), with_zero=True)
+        bits = codebook_bits(len(codebook), with_zero=zero_cells)
         if bits > 16:
             raise ValueError(f"CodebookPQ supports codebooks of up to 65,535 codes, not {len(codebook)}")
-        nlist = match.group(1)
-        factory = f"IVF{nlist},PQ{cells}x{bits}" if nlist else f"PQ{cells}x{bits}"
+        nlist, graph = match.group(1), match.group(2) or ""
+        factory = f"IVF{nlist}{graph},PQ{cells}x{bits}" if nlist else f"PQ{cells}x{bits}"
         index = faiss.index_factory(key_dim, factory)
         pq_index = faiss.downcast_index(faiss.extract_index_ivf(index) if nlist else index)
         if nlist:
@@ -190,6 +196,8 @@ def add_entries(index: faiss.Index, config: IndexConfig, keys: np.ndarray, ids: 
         return
     ivf = faiss.try_extract_index_ivf(index)
     pq_index = faiss.downcast_index(ivf if ivf is not None else faiss.downcast_index(index).index)
+    if len(cells) and cells.max() >= 1 << pq_index.pq.nbits:
+        raise ValueError(f"token {cells.max()} does not fit the {pq_index.pq.nbits}-bit codes of this CodebookPQ")
     codes = pack_codes(cells, pq_index.pq.nbits)  # (M, code_size)
     if ivf is not None:
         lists = ivf.quantizer.assign(keys, 1).ravel()  # (M,)

@@ -1,0 +1,177 @@
+"""Index types for patch keys at scale: build time, bytes per entry, search latency, recall@10.
+
+Synthetic entries shaped like Janus-Pro's: 24×24 token grids over a 16,384-code codebook of 8-d unit vectors,
+tokens drawn from a Zipf law (p(rank r) ∝ r^-s), keys from the paper's 4-cell neighbourhood (32-d, 506
+entries per image), made by arrag's own make_entries and added through arrag.indexes like a real build.
+Queries are keys of other images drawn the same way.
+
+recall@10 counts the returned entries whose true distance (recomputed from the entry's image and position)
+is within the exact 10th-nearest distance: with codebook keys many entries are exact duplicates, so ties
+are common and any of the tied entries is a correct answer.
+
+    python benchmarks/index_benchmark.py --entries 1000000 --threads 1 --out docs/index-benchmark-1M.json
+
+The last lines are a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from arrag import indexes
+from arrag.database import DatabaseSpec, IdLayout, make_entries
+from arrag.grid import Grid
+from arrag.indexes import IndexConfig
+
+SPEC = DatabaseSpec(backend="synthetic", grid=Grid(24, 24), codebook_size=16384, codebook_fingerprint="-", cell_dim=8)
+CHUNK = 512  # images per make_entries call
+
+
+def zipf_grids(images: int, exponent: float, seed: int) -> np.ndarray:
+    """(N, 576) token grids; token ranks follow a Zipf law over a random permutation of the codebook."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, SPEC.codebook_size + 1) ** exponent
+    ranks = rng.choice(SPEC.codebook_size, size=(images, SPEC.grid.size), p=weights / weights.sum())
+    return rng.permutation(SPEC.codebook_size)[ranks]
+
+
+def entries(grids: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(M, 32) keys, (M,) ids, (M, 4) neighbour tokens of every entry of the grids."""
+    parts = [
+        make_entries(SPEC, torch.from_numpy(grids[s : s + CHUNK]), torch.from_numpy(codebook[grids[s : s + CHUNK]]), s)
+        for s in range(0, len(grids), CHUNK)
+    ]
+    return tuple(np.concatenate([getattr(p, name) for p in parts]) for name in ("keys", "ids", "cells"))  # type: ignore[return-value]
+
+
+def true_distances(queries: np.ndarray, ids: np.ndarray, grids: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """(B, K) squared distance from each query to the key of each returned id, recomputed from its tokens."""
+    image, position, _ = IdLayout.for_spec(SPEC).unpack(ids)
+    table = SPEC.neighbourhood.indices(SPEC.grid)  # (R·C, 4)
+    valid = ids >= 0
+    cells = grids[np.where(valid, image, 0)[..., None], table[np.where(valid, position, 0)]]  # (B, K, 4)
+    keys = codebook[cells].reshape(*ids.shape, -1)  # (B, K, 32)
+    return np.where(valid, ((queries[:, None, :] - keys) ** 2).sum(-1), np.inf)
+
+
+def recall_at_10(found: np.ndarray, exact_10th: np.ndarray) -> float:
+    return float((found <= exact_10th[:, None] + 1e-5).sum(1).mean() / 10)
+
+
+def latency_ms(index: faiss.Index, queries: np.ndarray, batch: int) -> float:
+    count = min(len(queries), 200 if batch == 1 else len(queries))
+    start = time.perf_counter()
+    for s in range(0, count, batch):
+        index.search(queries[s : s + batch], 10)
+    return (time.perf_counter() - start) / count * 1e3
+
+
+def index_size(index: faiss.Index) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "index.faiss"
+        faiss.write_index(index, str(path))
+        return path.stat().st_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=1024)
+    parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the token distribution")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--nlist", type=int, help="IVF lists (default: about 4·sqrt(entries), a power of two)")
+    parser.add_argument("--train-size", type=int, default=100_000)
+    parser.add_argument(
+        "--indexes",
+        nargs="+",
+        default=["Flat", "CodebookPQ", "IVF{nlist},CodebookPQ", "OPQ8,IVF{nlist},PQ8", "IVF{nlist},PQ16x4fs", "HNSW32"],
+    )
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    nlist = args.nlist or 1 << round(np.log2(4 * np.sqrt(args.entries)))
+    per_image = len(SPEC.neighbourhood.eligible(SPEC.grid))
+    rng = np.random.default_rng(args.seed)
+    codebook = rng.normal(size=(SPEC.codebook_size, SPEC.cell_dim)).astype(np.float32)
+    codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
+
+    clock = time.perf_counter()
+    grids = zipf_grids(-(-args.entries // per_image), args.zipf, args.seed + 1)
+    keys, ids, cells = entries(grids, codebook)
+    keys, ids, cells = keys[: args.entries], ids[: args.entries], cells[: args.entries]
+    query_grids = zipf_grids(args.queries // per_image + 1, args.zipf, args.seed + 2)
+    pool = entries(query_grids, codebook)[0]
+    queries = np.ascontiguousarray(pool[rng.choice(len(pool), args.queries, replace=False)])
+    sample = keys[np.sort(rng.choice(len(keys), min(args.train_size, len(keys)), replace=False))]
+    print(f"{len(keys):,} entries, {len(queries)} queries, nlist {nlist}: made in {time.perf_counter() - clock:.1f} s")
+
+    exact = faiss.IndexFlatL2(keys.shape[1])
+    exact.add(keys)
+    exact_10th = exact.search(queries, 10)[0][:, -1]
+    del exact
+
+    rows = []
+    for template in args.indexes:
+        description = template.format(nlist=nlist)
+        config = IndexConfig(description, train_size=args.train_size)
+        clock = time.perf_counter()
+        index = SPEC.empty_index(config, codebook)
+        if not index.is_trained:
+            indexes.train(index, config, sample, args.seed)
+        train_s = time.perf_counter() - clock
+        for s in range(0, len(keys), 1 << 18):
+            indexes.add_entries(
+                index, config, keys[s : s + (1 << 18)], ids[s : s + (1 << 18)], cells[s : s + (1 << 18)]
+            )
+        build_s = time.perf_counter() - clock
+        size = index_size(index) / len(keys)
+        if config.is_ivf:
+            settings = [f"nprobe={n}" for n in args.nprobe]
+        elif description.startswith("HNSW"):
+            settings = [f"efSearch={e}" for e in args.ef_search]
+        else:
+            settings = [""]
+        for setting in settings:
+            indexes.set_search_params(index, setting)
+            found_ids = index.search(queries, 10)[1]
+            recall = recall_at_10(true_distances(queries, found_ids, grids, codebook), exact_10th)
+            row = {
+                "index": description,
+                "search": setting or "-",
+                "entries": len(keys),
+                "train_s": round(train_s, 1),
+                "build_s": round(build_s, 1),
+                "bytes_per_entry": round(size, 2),
+                "recall_at_10": round(recall, 4),
+                **{f"ms_per_query_batch{b}": round(latency_ms(index, queries, b), 4) for b in (1, 16, 256)},
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del index
+    if args.out:
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    print(f"\nthreads={args.threads}, zipf={args.zipf}, {len(keys):,} entries, {len(queries)} queries\n")
+    print("| index | search | build s (train) | bytes/entry | recall@10 | ms/query b=1 | b=16 | b=256 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['index']} | {r['search']} | {r['build_s']} ({r['train_s']}) | {r['bytes_per_entry']} | "
+            f"{r['recall_at_10']:.3f} | {r['ms_per_query_batch1']} | {r['ms_per_query_batch16']} | "
+            f"{r['ms_per_query_batch256']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
