@@ -300,7 +300,7 @@ def _eval(args: argparse.Namespace) -> int:
     from arrag.evaluation.report import write_report
 
     config = EvalConfig.quick(args.out) if args.quick else EvalConfig(out=args.out)
-    overrides = {"test_prompts": args.test_prompts, "images_per_prompt": args.num_images}
+    overrides = {"test_prompts": args.test_prompts, "images_per_prompt": args.num_images, "faid": args.faid}
     if args.seeds is not None:
         overrides["seeds"] = tuple(args.seeds)
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
@@ -455,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--quick", action="store_true", help="small prompt sets, one seed: a few minutes")
     evaluation.add_argument("--out", type=Path, default=Path("runs/eval"))
     evaluation.add_argument("--test-prompts", type=int, help="held-out test prompts (default 552; quick 60)")
-    evaluation.add_argument("--num-images", type=int, help="images per test prompt and seed (default 4; quick 2)")
+    evaluation.add_argument("--num-images", type=int, help="images per test prompt and seed (default 1)")
     evaluation.add_argument("--seeds", type=int, nargs="+", help="test seeds (default 0 1 2; quick 0)")
+    evaluation.add_argument("--faid", type=Path, help="FAiD adapter folder (default: the shipped one, if any)")
     evaluation.set_defaults(handler=_eval)
 
     bench = sub.add_parser("bench", help="the paper's benchmarks: GenEval and DPG-Bench images, FID/KID of folders")

@@ -31,6 +31,7 @@ from arrag.evaluation.copying import CopyThreshold, nearest_database_image
 from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_caption
 from arrag.evaluation.quality import EfficientNetLite0Features, ImageQuality
 from arrag.evaluation.statistics import Score, category_scores
+from arrag.faid.files import load_adapter, shipped_adapter
 from arrag.grid import Neighbourhood
 from arrag.indexes import IndexConfig
 from arrag.world.checker import WorldChecker
@@ -50,17 +51,19 @@ SEED_STRIDE = 1_000_000  # image seeds of run s start at s·SEED_STRIDE, so runs
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """The default is the full evaluation; sized to about an hour on two CPU cores (docs/results.md)."""
+
     out: Path = Path("runs/eval")
     cache: Path = CACHE_DIR
     test_prompts: int = 552
-    images_per_prompt: int = 4
+    images_per_prompt: int = 1  # per seed: each prompt gets one image from each of the seeds
     seeds: tuple[int, ...] = (0, 1, 2)
-    validation_prompts: int = 120
-    validation_images: int = 2
-    weights: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)  # λ sweep; 0 is the base model
+    validation_prompts: int = 60
+    validation_images: int = 1
+    weights: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.3)  # λ sweep; 0 is the base model
     duplicates: tuple[Duplicates, ...] = ("nearest", "sum")
     temperatures: tuple[float, ...] = (0.3, 1.0, 3.0)
-    ks: tuple[int, ...] = (256, 2048)
+    ks: tuple[int, ...] = (2048,)
     hops: tuple[int, ...] = (1, 2)
     retrieved_images: int = 4  # images per prompt for the image-level baseline
     database_scenes: int = 2000
@@ -69,6 +72,7 @@ class EvalConfig:
     index: IndexConfig = field(default_factory=lambda: IndexConfig("IVF256,CodebookPQ", search_params="nprobe=32"))
     copy_false_positive_rate: float = 0.01
     copy_calibration_scenes: int = 1000
+    faid: Path | None = None  # a FAiD adapter folder; None: the one shipped for the built-in model, if any
     image_quality: bool = True  # Fréchet distance and KID of the first seed's images against the real test scenes
 
     def __post_init__(self) -> None:
@@ -89,7 +93,7 @@ class EvalConfig:
         return cls(
             out=out,
             test_prompts=60,
-            images_per_prompt=2,
+            images_per_prompt=1,
             seeds=(0,),
             validation_prompts=30,
             validation_images=1,
@@ -143,6 +147,8 @@ class Method:
             return {"retrieval": "none"}
         if self.image_level:
             return {"retrieval": "image-level: caption match, once per prompt", "weight": retrieval.weight}
+        if self.generation.method == "faid":
+            return {"retrieval": "FAiD", "neighbourhood": self.neighbourhood.name}
         return {"retrieval": "DAiD", **asdict(retrieval), "neighbourhood": self.neighbourhood.name}
 
 
@@ -155,6 +161,7 @@ class Experiment:
         self.checker: WorldChecker = load_checker()
         self.databases: dict[Neighbourhood, PatchDatabase] = {}
         self.library = ImageLibrary.of_world(self.backend, config.database_scenes)
+        self.adapter = load_adapter(config.faid, self.backend) if config.faid else shipped_adapter(self.backend)
 
     def database(self, neighbourhood: Neighbourhood) -> PatchDatabase:
         if neighbourhood not in self.databases:
@@ -172,9 +179,12 @@ class Experiment:
         if method.image_level:
             eligible = method.neighbourhood.eligible(self.backend.grid)
             retriever_for = self.library.retriever_for(self.config.retrieved_images, eligible)
-        elif generation.method == "daid":
+        elif generation.method != "none":
             database = self.database(method.neighbourhood)
-        verdicts, pictures = judge_generated(self.backend, self.checker, prompts, generation, database, retriever_for)
+        adapter = self.adapter if "faid" in generation.method else None
+        verdicts, pictures = judge_generated(
+            self.backend, self.checker, prompts, generation, database, retriever_for, faid=adapter
+        )
         return np.asarray(verdicts).reshape(len(prompts), images), pictures
 
     def overall(self, method: Method, prompts: list[Prompt]) -> float:
@@ -198,6 +208,7 @@ def image_level(weight: float) -> Method:
 
 
 BASE = Method("base model", GenerationConfig())
+FAID = Method("FAiD", GenerationConfig(method="faid"))
 
 
 def choose(experiment: Experiment, prompts: list[Prompt]) -> tuple[dict[str, Method], dict[str, object]]:
@@ -232,6 +243,8 @@ def choose(experiment: Experiment, prompts: list[Prompt]) -> tuple[dict[str, Met
         (daid(best_daid, rule, retrieval.temperature, retrieval.k, h) for h in config.hops), key=score
     )
     chosen["image-level"] = image_level(best_image if best_image > 0 else min(weights))
+    if experiment.adapter is not None:  # FAiD has no retrieval weight to choose: its blenders learned theirs
+        chosen["faid"] = FAID
     log = {
         "validation_overall": scores,
         "sweep": {m: {str(w): s for w, s in v.items()} for m, v in sweep.items()},

@@ -15,6 +15,7 @@ import torch
 from arrag.backends.base import Backend
 from arrag.config import GenerationConfig, SamplingConfig
 from arrag.decoding.loop import Retriever, generate
+from arrag.faid.blender import FaidAdapter
 from arrag.world.checker import WorldChecker
 from arrag.world.digits import load_pool
 from arrag.world.prompts import CATEGORIES, Prompt, sample_prompts
@@ -91,22 +92,25 @@ def judge_generated(
     config: GenerationConfig,
     database=None,
     retriever_for: Callable[[list[str]], Retriever] | None = None,
-    batch_prompts: int = 30,
+    batch_rows: int = 120,
+    faid: FaidAdapter | None = None,
 ) -> tuple[list[bool], np.ndarray]:
     """Generate every prompt's images and judge them -> (verdicts, (N, S, S, 3) uint8 images), prompt-major.
 
     Row r of the whole run is seeded ``config.seed + r``, whatever the batching. ``retriever_for`` makes the
-    neighbour source of a batch from its rows' prompts (see :func:`arrag.decoding.loop.generate`).
+    neighbour source of a batch from its rows' prompts (see :func:`arrag.decoding.loop.generate`). Batches of
+    about ``batch_rows`` rows: on a CPU, 120 rows decode twice as fast per image as 30.
     """
     verdicts: list[bool] = []
     batches: list[np.ndarray] = []
     n = config.num_images_per_prompt
+    batch_prompts = max(1, batch_rows // n)
     for start in range(0, len(prompts), batch_prompts):
         part = prompts[start : start + batch_prompts]
         texts = [p.text for p in part]
         seeds = [config.seed + (start + i) * n + j for i in range(len(part)) for j in range(n)]
         retriever = retriever_for([t for t in texts for _ in range(n)]) if retriever_for is not None else None
-        out = generate(backend, texts, config, database, seeds=seeds, retriever=retriever)
+        out = generate(backend, texts, config, database, seeds=seeds, faid=faid, retriever=retriever)
         images = to_uint8(out.images)
         verdicts += [checker.judge(part[row // n], image) for row, image in enumerate(images)]
         batches.append(images)
