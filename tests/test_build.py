@@ -251,3 +251,14 @@ def test_cli_build_add_and_info(folder, tmp_path, capsys):
     assert f"entries: {14 * 42}" in info
     assert "bytes per entry" in info
     assert "token shards: 6" in info
+
+
+def test_db_add_grows_a_database_saved_in_memory(backend, folder, tmp_path):
+    """Databases saved by PatchDatabase.save (the world's, older builds) have no token shards or trained.faiss."""
+    good = sorted(folder.rglob("img*"))
+    database, _ = database_from_images(backend, [Image.open(p).convert("RGB") for p in good[:5]], Neighbourhood())
+    database.sources = [str(p) for p in good[:5]]
+    database.save(tmp_path / "db")
+    add_to_database(backend, good[5:], tmp_path / "db")
+    build_database(backend, good, tmp_path / "whole")
+    same_database(PatchDatabase.load(tmp_path / "db"), PatchDatabase.load(tmp_path / "whole"))
