@@ -262,3 +262,24 @@ def test_db_add_grows_a_database_saved_in_memory(backend, folder, tmp_path):
     add_to_database(backend, good[5:], tmp_path / "db")
     build_database(backend, good, tmp_path / "whole")
     same_database(PatchDatabase.load(tmp_path / "db"), PatchDatabase.load(tmp_path / "whole"))
+
+
+def test_an_interrupted_add_resumes_to_the_same_database(backend, folder, tmp_path):
+    config = BuildConfig(sources=SourceConfig(shard_size=4), index=IndexConfig("IVF4,CodebookPQ", True, "nprobe=4"))
+    build_database(backend, [folder / "part0", folder / "part1"], tmp_path / "whole", config)
+    build_database(backend, [folder / "part0"], tmp_path / "grown", config)
+
+    def die(name, record):
+        if name == "index":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        add_to_database(backend, [folder / "part1"], tmp_path / "grown", config, on_shard_done=die)
+    assert PatchDatabase.load(tmp_path / "grown").num_images == 5  # the database before the add still loads
+    with pytest.raises(FileExistsError, match="--resume"):
+        add_to_database(backend, [folder / "part1"], tmp_path / "grown", config)
+    add_to_database(backend, [folder / "part1"], tmp_path / "grown", config, resume=True)
+    names = sorted(p.name for p in (tmp_path / "grown").iterdir())  # no leftovers: one inverted-list file
+    whole = [p.name for p in (tmp_path / "whole").iterdir()]
+    assert names == sorted("index-000002.ivfdata" if name.endswith(".ivfdata") else name for name in whole)
+    same_entries_and_distances(PatchDatabase.load(tmp_path / "grown"), PatchDatabase.load(tmp_path / "whole"))

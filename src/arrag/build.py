@@ -228,6 +228,7 @@ def add_to_database(
         return _run(directory, plan, loaded, backend, config, on_shard_done)
     if resume:
         raise FileNotFoundError(f"{directory} holds no interrupted add to resume (no {STATE_DIR}/{PLAN_FILE})")
+    (directory / BASE_FILE).unlink(missing_ok=True)  # left by an add killed after it completed
     base_shards = manifest.get("token_shards", [])
     first_shard = 1 + max((_shard_number(s["file"]) for s in base_shards), default=-1)
     sources = plan_shards(inputs, config.sources, first_index=first_shard)
@@ -337,7 +338,8 @@ def _run(
     report.index = index_config.description + (" (on disk)" if index_config.on_disk else "")
     report.bytes_per_entry = round(index_bytes(directory) / max(len(database), 1), 3)
     write_json(directory / REPORT_FILE, asdict(report))
-    shutil.rmtree(directory / STATE_DIR)
+    shutil.rmtree(directory / STATE_DIR)  # the database is complete: from here on, resuming has nothing to do
+    _remove_leftovers(directory, plan)
     logger.info("%s: %d images, %d entries in %.1f s", directory, report.images_added, report.entries, report.seconds)
     return report
 
@@ -449,8 +451,12 @@ def _merge(
     database.save(directory)
     if not (directory / TEMPLATE_FILE).exists():
         write_atomically(directory / TEMPLATE_FILE, lambda tmp: shutil.copyfile(template, tmp))
+    return database
+
+
+def _remove_leftovers(directory: Path, plan: dict) -> None:
+    """After a complete add: the index before it and inverted-list files no index refers to any more."""
     (directory / BASE_FILE).unlink(missing_ok=True)
     for stale in directory.glob("*.ivfdata"):
-        if config.on_disk and stale.name != plan["ivfdata"]:
+        if stale.name != plan["ivfdata"]:
             stale.unlink()
-    return database
