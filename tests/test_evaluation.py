@@ -54,7 +54,9 @@ def test_nearest_database_image_matches_brute_force():
     generator = torch.Generator().manual_seed(0)
     images, database = torch.rand(7, 3, 8, 8, generator=generator), torch.rand(11, 3, 8, 8, generator=generator)
     distances, indices = nearest_database_image(images, database, chunk=3)
-    brute = ((images[:, None] - database[None]) ** 2).mean(dim=(2, 3, 4))  # (7, 11)
+    difference = ((images[:, None] - database[None]) ** 2).sum(dim=(2, 3, 4))  # (7, 11)
+    energies = (images**2).sum(dim=(1, 2, 3))[:, None] + (database**2).sum(dim=(1, 2, 3))[None]
+    brute = difference / energies
     np.testing.assert_array_equal(indices, brute.argmin(1).numpy())
     np.testing.assert_allclose(distances, brute.min(1).values.numpy(), rtol=1e-4, atol=1e-6)
     copies, _ = nearest_database_image(database[[4, 9]], database)

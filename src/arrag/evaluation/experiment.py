@@ -248,7 +248,7 @@ def choose(experiment: Experiment, prompts: list[Prompt]) -> tuple[dict[str, Met
     log = {
         "validation_overall": scores,
         "sweep": {m: {str(w): s for w, s in v.items()} for m, v in sweep.items()},
-        "retrieval_beat_base": {"daid": sweep[f"DAiD ({rule})"][best_daid] > base, "image-level": best_image > 0},
+        "retrieval_beat_base": {"DAiD": sweep[f"DAiD ({rule})"][best_daid] > base, "image-level": best_image > 0},
     }
     return chosen, log
 

@@ -82,7 +82,7 @@ class EfficientNetLite0Features(nn.Module):
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """``kid_subset_size`` is capped by the smaller set; ``seed`` fixes KID's subset draws."""
+    """``kid_subset_size`` is capped by half the smaller set; ``seed`` fixes KID's subset draws."""
 
     batch_size: int = 64
     kid_subsets: int = 100
@@ -144,7 +144,8 @@ def kernel_distance(
     """KID: the polynomial-kernel MMD² averaged over random subsets -> (mean, std, subset size used)."""
     _check_pair(real, generated, 2)
     _, KernelInceptionDistance = _metrics()
-    size = min(subset_size, len(real), len(generated))
+    # Subsets of at most half of each set, so that they differ and the spread over them means something.
+    size = max(2, min(subset_size, len(real) // 2, len(generated) // 2))
     with warnings.catch_warnings():  # that it keeps every feature: so does the caller
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
         metric = KernelInceptionDistance(

@@ -59,7 +59,7 @@ def _score_table(methods: dict[str, dict]) -> list[str]:
 
 def _other_tables(results: dict) -> list[str]:
     methods = results["methods"]
-    lines = ["| method | near-copy rate | median nearest-database distance |"]
+    lines = ["| method | near-copy rate | median relative distance to the nearest database image |"]
     quality_names = list(next(iter(methods.values())).get("quality", {}))
     lines[0] += "".join(f" {name} |" for name in quality_names)
     lines.append("|---" * (3 + len(quality_names)) + "|")
@@ -70,7 +70,8 @@ def _other_tables(results: dict) -> list[str]:
     threshold = results["copy_threshold"]
     lines += [
         "",
-        f"Near-copy threshold: mean squared pixel difference ≤ {threshold['distance']:.4f} to the nearest database "
+        f"Near-copy threshold: relative squared pixel difference ‖x − y‖² / (‖x‖² + ‖y‖²) ≤ "
+        f"{threshold['distance']:.4f} to the nearest database "
         f"image, the {threshold['false_positive_rate']:.0%} quantile of {threshold['calibration_images']} real "
         f"held-out scenes (reconstructed by the tokenizer, as generated images are); those real scenes are "
         f"flagged at {results['real_scene_copy_rate']:.3f}.",
