@@ -130,7 +130,7 @@ def test_a_small_evaluation_runs_end_to_end_and_writes_its_report(tmp_path):
         copy_false_positive_rate=0.05,
     )
     results = evaluate(config)
-    assert list(results["methods"]) == ["base", "daid", "image-level"]
+    assert list(results["methods"]) == ["base", "daid", "image-level", "faid"]  # the shipped FAiD adapter
     for entry in results["methods"].values():
         assert len(entry["overall_per_seed"]) == 2
         assert 0 <= entry["copy_rate"] <= 1
