@@ -23,9 +23,10 @@ from transformers import JanusConfig, JanusForConditionalGeneration
 
 from arrag.backends.janus import DTYPES, JanusBackend
 from arrag.config import GenerationConfig, RetrievalConfig
-from arrag.database import DatabaseSpec, PatchDatabase
+from arrag.database import DatabaseSpec, PatchDatabase, make_entries
 from arrag.decoding.loop import generate
 from arrag.grid import Grid
+from arrag.indexes import IndexConfig
 
 
 def janus_pro_1b_shaped() -> JanusConfig:
@@ -73,8 +74,10 @@ class PromptProcessor:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def zipf_database(backend: JanusBackend, entries: int, seed: int = 0) -> PatchDatabase:
-    database = PatchDatabase(DatabaseSpec.for_backend(backend))
+def zipf_database(backend: JanusBackend, entries: int, index: IndexConfig, seed: int = 0) -> PatchDatabase:
+    """Synthetic token grids with Zipf-distributed tokens; an index that needs training learns on the first 256."""
+    codebook = backend.code_vectors(torch.arange(backend.codebook_size)).float().cpu().numpy()
+    database = PatchDatabase(DatabaseSpec.for_backend(backend), index_config=index, codebook=codebook)
     per_image = len(database.positions)
     rng = np.random.default_rng(seed)
     ranks = rng.permutation(backend.codebook_size)
@@ -83,7 +86,10 @@ def zipf_database(backend: JanusBackend, entries: int, seed: int = 0) -> PatchDa
         n = min(256, images - start)
         draws = np.minimum(rng.zipf(1.3, size=(n, backend.grid.size)) - 1, backend.codebook_size - 1)
         tokens = torch.from_numpy(ranks[draws])
-        database.add(tokens, backend.code_vectors(tokens).float().cpu(), [f"synthetic-{start + i}" for i in range(n)])
+        vectors = backend.code_vectors(tokens).float().cpu()
+        if not database.index.is_trained:
+            database.train(make_entries(database.spec, tokens, vectors, 0).keys, seed)
+        database.add(tokens, vectors, [f"synthetic-{start + i}" for i in range(n)])
     return database
 
 
@@ -115,6 +121,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: library default)")
     parser.add_argument("--faiss-gpu", action="store_true", help="search a copy of the index on GPU 0")
+    parser.add_argument("--index", default="Flat", help="Flat, CodebookPQ, IVF<n>,CodebookPQ or a FAISS factory string")
+    parser.add_argument("--search-params", default="", help="FAISS search parameters, e.g. nprobe=32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +135,7 @@ def main() -> None:
     # take minutes. Retrieval starts at row 1.
     backend = FirstRows(model, PromptProcessor(), "janus-pro-1b-shaped-random", args.rows)
     build_start = time.perf_counter()
-    database = zipf_database(backend, args.entries)
+    database = zipf_database(backend, args.entries, IndexConfig(args.index, search_params=args.search_params))
     if args.faiss_gpu:
         gpu_resources = faiss.StandardGpuResources()  # must outlive the index that uses it
         database.index = faiss.index_cpu_to_gpu(gpu_resources, 0, database.index)
@@ -144,6 +152,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "entries": len(database),
         "k": args.k,
+        "index": database.index_config.to_dict(),
         "steps_timed": backend.grid.size,
         "share_of_steps_with_retrieval": round(retrieval_share, 3),
         "seconds_per_step_without": round(without, 4),
@@ -152,10 +161,11 @@ def main() -> None:
         "database_build_seconds": round(build_seconds, 1),
     }
     print(json.dumps(result))
-    print("| device | dtype | entries | k | s/step base | s/step DAiD | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| device | dtype | entries | index | k | s/step base | s/step DAiD | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    index = f"{args.index} {args.search_params}".strip()
     print(
-        f"| {args.device} | {args.dtype} | {len(database):,} | {args.k} | {without:.4f} | {with_daid:.4f} | "
+        f"| {args.device} | {args.dtype} | {len(database):,} | {index} | {args.k} | {without:.4f} | {with_daid:.4f} | "
         f"{with_daid / without:.3f} |"
     )
 
