@@ -256,7 +256,7 @@ def _demo(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         images_per_prompt=args.num_images,
         seed=args.seed,
-        retrieval=RetrievalConfig(weight=args.lam, temperature=args.tau, k=args.k),
+        retrieval=RetrievalConfig(weight=args.lam, temperature=args.tau, k=args.k, duplicates=args.duplicates),
         **({"cache": args.cache} if args.cache else {}),
     )
     summary = run_demo(config)
@@ -446,9 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompts", type=int, default=6)
     demo.add_argument("--num-images", type=int, default=2, help="images per prompt")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--lambda", dest="lam", type=float, default=0.3)
+    demo.add_argument("--lambda", dest="lam", type=float, default=0.05, help="default: chosen by arrag eval")
     demo.add_argument("--tau", type=float, default=1.0)
     demo.add_argument("--k", type=int, default=2048)
+    demo.add_argument("--duplicates", choices=["nearest", "sum"], default="sum", help="default: chosen by arrag eval")
     demo.set_defaults(handler=_demo)
 
     evaluation = sub.add_parser("eval", help="does retrieval help? base model, DAiD and image-level retrieval compared")

@@ -34,7 +34,10 @@ class DemoConfig:
     prompts: int = 6  # one per GenEval category
     images_per_prompt: int = 2
     seed: int = 0
-    retrieval: RetrievalConfig = field(default_factory=lambda: RetrievalConfig(weight=0.3, temperature=1.0, k=2048))
+    # The DAiD setting `arrag eval` chose on validation prompts (docs/results.md).
+    retrieval: RetrievalConfig = field(
+        default_factory=lambda: RetrievalConfig(weight=0.05, temperature=1.0, k=2048, duplicates="sum")
+    )
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.images_per_prompt < 1:
