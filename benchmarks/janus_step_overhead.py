@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: library default)")
+    parser.add_argument("--faiss-threads", type=int, default=0, help="FAISS threads, if not --threads")
     parser.add_argument("--faiss-gpu", action="store_true", help="search a copy of the index on GPU 0")
     parser.add_argument("--index", default="Flat", help="Flat, CodebookPQ, IVF<n>,CodebookPQ or a FAISS factory string")
     parser.add_argument("--search-params", default="", help="FAISS search parameters, e.g. nprobe=32")
@@ -127,6 +128,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
+    if args.faiss_threads:  # a small IVF search need not compete with the model for every core
+        faiss.omp_set_num_threads(args.faiss_threads)
     torch.manual_seed(0)
     model = JanusForConditionalGeneration(janus_pro_1b_shaped()).to(args.device, DTYPES[args.dtype]).eval()
     model.generation_config.generation_kwargs = {"boi_token_id": 100016}
@@ -150,6 +153,7 @@ def main() -> None:
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
         "entries": len(database),
         "k": args.k,
         "index": database.index_config.to_dict(),
