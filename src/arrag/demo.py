@@ -97,15 +97,6 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
     scores = {
         method: sum(im["correct"] for im in summary_images if im["method"] == method) / len(rows) for method in runs
     }
-    adapter = shipped_adapter(backend)
-    if adapter is not None:  # FAiD joins when this install ships a trained adapter
-        runs["faid"] = generate(
-            backend,
-            texts,
-            GenerationConfig(method="faid", num_images_per_prompt=n, seed=config.seed),
-            database,
-            faid=adapter,
-        )
     summary = {
         "backend": backend.name,
         "database": str(database_dir),
