@@ -86,6 +86,15 @@ def random_adapter(backend, **config):
     return adapter
 
 
+def random_grids(backend, k: int, seed: int, keep: float = 1.0):
+    """Two rows of random tokens (2, T), candidates (2, T, k) and validity (2, T, k), about ``keep`` of it valid."""
+    total, generator = backend.grid.size, torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, backend.codebook_size, (2, total), generator=generator)
+    candidates = torch.randint(0, backend.codebook_size, (2, total, k), generator=generator)
+    valid = torch.rand(2, total, k, generator=generator) < keep
+    return tokens, candidates, valid
+
+
 def teacher_forced(backend, hooks, tokens, candidates, valid):
     hooks.begin(tokens.shape[0])
     hooks.prepare(0, candidates, valid)
@@ -95,10 +104,7 @@ def teacher_forced(backend, hooks, tokens, candidates, valid):
 @torch.no_grad()
 def test_the_prediction_at_t_ignores_tokens_and_retrievals_from_t_on(faid_backend):
     backend, total, k = faid_backend, faid_backend.grid.size, 4
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, backend.codebook_size, (2, total), generator=generator)
-    candidates = torch.randint(0, backend.codebook_size, (2, total, k), generator=generator)
-    valid = torch.ones(2, total, k, dtype=torch.bool)
+    tokens, candidates, valid = random_grids(backend, k, seed=0)
     with attached(random_adapter(backend, k=k, lora_rank=2), backend.faid_target()) as hooks:
         reference = teacher_forced(backend, hooks, tokens, candidates, valid)
         for t in (0, 9, 30, total - 1):
@@ -115,10 +121,7 @@ def test_the_prediction_at_t_ignores_tokens_and_retrievals_from_t_on(faid_backen
 def test_step_by_step_decoding_equals_teacher_forcing(faid_backend):
     """A guided session's steps, with the per-layer cell caches, give the one-pass teacher-forced logits."""
     backend, total, k = faid_backend, faid_backend.grid.size, 3
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, backend.codebook_size, (2, total), generator=generator)
-    candidates = torch.randint(0, backend.codebook_size, (2, total, k), generator=generator)
-    valid = torch.rand(2, total, k, generator=generator) > 0.2
+    tokens, candidates, valid = random_grids(backend, k, seed=1, keep=0.8)
     with attached(random_adapter(backend, k=k), backend.faid_target()) as hooks:
         expected = teacher_forced(backend, hooks, tokens, candidates, valid)
         hooks.begin(2)
