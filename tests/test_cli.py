@@ -117,3 +117,39 @@ def test_a_folder_without_images_is_an_error(tmp_path, capsys):
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "arrag", "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("arrag ")
+
+
+def test_sampling_options_override_the_backends_own_and_zero_turns_a_filter_off():
+    from arrag.backends.builtin import tiny_backend
+    from arrag.cli import _generation_config, build_parser
+    from arrag.config import SamplingConfig
+
+    backend = tiny_backend(seed=0)
+    backend.sampling = SamplingConfig(guidance_scale=3.0, temperature=0.9, top_k=20, top_p=0.95)
+    parse = build_parser().parse_args
+    assert _generation_config(parse(["generate", "a 7"]), backend).sampling == backend.sampling
+    changed = _generation_config(parse(["generate", "a 7", "--guidance-scale", "6", "--top-k", "0"]), backend)
+    assert changed.sampling == SamplingConfig(guidance_scale=6.0, temperature=0.9, top_k=None, top_p=0.95)
+
+
+def test_a_trained_generator_is_decoded_with_the_sampling_recorded_beside_it(tmp_path):
+    from arrag.backends.builtin import recommended_sampling
+    from arrag.config import SamplingConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({"transformer": {}}))
+    assert recommended_sampling(tmp_path) == SamplingConfig()
+    (tmp_path / "config.json").write_text(json.dumps({"sampling": {"guidance_scale": 3.0, "top_k": 20}}))
+    assert recommended_sampling(tmp_path) == SamplingConfig(guidance_scale=3.0, top_k=20)
+    (tmp_path / "config.json").write_text(json.dumps({"sampling": {"top_k": -1}}))
+    with pytest.raises(ValueError, match="top_k"):
+        recommended_sampling(tmp_path)
+
+
+def test_sampling_candidates_read_as_guidance_and_optional_top_k(capsys):
+    from arrag.cli import _sampling_candidate
+    from arrag.config import SamplingConfig
+
+    assert _sampling_candidate("3:20") == SamplingConfig(guidance_scale=3.0, top_k=20)
+    assert _sampling_candidate("5") == SamplingConfig(guidance_scale=5.0)
+    assert main(["world", "report", "--part", "sampling", "--candidates", "three"]) == 2
+    assert "GUIDANCE:TOP_K" in capsys.readouterr().err

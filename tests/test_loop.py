@@ -113,3 +113,16 @@ def test_bad_requests_are_refused(backend, database):
         generate(backend, [], GenerationConfig())
     with pytest.raises(ValueError, match="seeds"):
         generate(backend, ["a red 7"], GenerationConfig(), seeds=[1, 2])
+
+
+def test_a_request_without_sampling_uses_the_backends_own(backend):
+    from arrag.backends.builtin import tiny_backend
+
+    greedy = SamplingConfig(guidance_scale=2.0, top_k=1)
+    own = tiny_backend(seed=0)
+    own.sampling = greedy
+    implicit = generate(own, PROMPTS[:2], GenerationConfig(seed=3))
+    explicit = generate(backend, PROMPTS[:2], GenerationConfig(sampling=greedy, seed=3))
+    default = generate(backend, PROMPTS[:2], GenerationConfig(seed=3))
+    assert torch.equal(implicit.tokens, explicit.tokens)
+    assert not torch.equal(implicit.tokens, default.tokens)  # top-1 differs from sampling the full distribution

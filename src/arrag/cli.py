@@ -20,18 +20,30 @@ if TYPE_CHECKING:
     from arrag.faid.blender import FaidAdapter
 
 
-def _generation_config(args: argparse.Namespace) -> GenerationConfig:
-    from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
+def _method(args: argparse.Namespace) -> str:
+    return args.method or ("daid" if args.db else "none")
 
+
+def _generation_config(args: argparse.Namespace, backend: Backend) -> GenerationConfig:
+    """The request the options describe; sampling options left out take the backend's own values."""
+    from dataclasses import replace
+
+    from arrag.config import GenerationConfig, RetrievalConfig
+
+    given = {
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "filter_order": args.filter_order,
+    }
+    changes = {name: value for name, value in given.items() if value is not None}
+    for name in ("top_k", "top_p"):  # 0 turns off a filter the backend's sampling has
+        if changes.get(name) == 0:
+            changes[name] = None
     return GenerationConfig(
-        method=args.method or ("daid" if args.db else "none"),
-        sampling=SamplingConfig(
-            guidance_scale=args.guidance_scale,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            filter_order=args.filter_order,
-        ),
+        method=_method(args),
+        sampling=replace(backend.sampling, **changes),
         retrieval=RetrievalConfig(weight=args.lam, temperature=args.tau, k=args.k, duplicates=args.duplicates),
         num_images_per_prompt=args.num_images,
         seed=args.seed,
@@ -66,8 +78,8 @@ def _generate(args: argparse.Namespace) -> int:
     from arrag.decoding.loop import generate
     from arrag.images import save_image
 
-    config = _generation_config(args)
-    backend, database, adapter = _backend_and_database(args, config.method)
+    backend, database, adapter = _backend_and_database(args, _method(args))
+    config = _generation_config(args, backend)
     output = generate(backend, args.prompts, config, database, faid=adapter)
     args.out.mkdir(parents=True, exist_ok=True)
     n = config.num_images_per_prompt
@@ -272,6 +284,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_candidate(text: str):
+    """``G`` or ``G:K`` -> sampling with guidance G and top-k K (none without it)."""
+    from arrag.config import SamplingConfig
+
+    guidance, _, top_k = text.partition(":")
+    try:
+        return SamplingConfig(guidance_scale=float(guidance), top_k=int(top_k) if top_k else None)
+    except ValueError as error:
+        raise ValueError(f"a sampling candidate is GUIDANCE or GUIDANCE:TOP_K, like 3 or 3:20; got {text!r}") from error
+
+
 def _world_report(args: argparse.Namespace) -> int:
     from arrag.backends import load_backend
     from arrag.world import report
@@ -285,6 +308,11 @@ def _world_report(args: argparse.Namespace) -> int:
     if args.part in ("generator", "all"):
         results["generator"] = report.generator_report(
             load_backend(args.backend), checker, prompts=args.prompts, images_per_prompt=args.num_images
+        )
+    if args.part == "sampling":
+        candidates = [_sampling_candidate(text) for text in args.candidates]
+        results["sampling"] = report.sampling_report(
+            load_backend(args.backend), checker, candidates, args.prompts, args.num_images
         )
     text = json.dumps(results, indent=2)
     print(text)
@@ -330,8 +358,9 @@ def _bench(args: argparse.Namespace) -> int:
     from arrag.bench.geneval import run_geneval
     from arrag.bench.runner import BenchConfig
 
-    config = BenchConfig(_generation_config(args), args.start, args.limit, args.batch_prompts, args.max_prompt_bytes)
-    backend, database, adapter = _backend_and_database(args, config.generation.method)
+    backend, database, adapter = _backend_and_database(args, _method(args))
+    generation = _generation_config(args, backend)
+    config = BenchConfig(generation, args.start, args.limit, args.batch_prompts, args.max_prompt_bytes)
     where = args.db if database is not None else None
     if args.bench_command == "geneval":
         summary = run_geneval(args.prompts, args.out, backend, config, database, where, args.grid, adapter)
@@ -361,11 +390,13 @@ def _add_generation_options(parser: argparse.ArgumentParser, images: int | None,
         default="nearest",
         help="weigh each retrieved token by its nearest occurrence (paper) or by all (kNN-LM)",
     )
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--filter-order", choices=["after_merge", "before_merge"], default="after_merge")
+    backends_own = "default: the backend's own (builtin: its config.json; Janus-Pro: guidance 5, temperature 1)"
+    sampling = parser.add_argument_group("sampling", backends_own)
+    sampling.add_argument("--guidance-scale", type=float, help="classifier-free guidance; 1 turns it off")
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--top-k", type=int, help="0 turns top-k off")
+    sampling.add_argument("--top-p", type=float, help="0 turns top-p off")
+    sampling.add_argument("--filter-order", choices=["after_merge", "before_merge"])
     parser.add_argument("--seed", type=int, default=0, help=seeds)
     if images is None:
         parser.set_defaults(num_images=4)
@@ -499,10 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     world = sub.add_parser("world", help="the built-in world").add_subparsers(dest="world_command", required=True)
     world_report = world.add_parser("report", help="measure the checker, tokenizer and generator on held-out data")
-    world_report.add_argument("--part", choices=["checker", "tokenizer", "generator", "all"], default="all")
+    world_report.add_argument(
+        "--part",
+        choices=["checker", "tokenizer", "generator", "all", "sampling"],
+        default="all",
+        help="sampling: choose the generator's own sampling on validation prompts (not part of all)",
+    )
     world_report.add_argument("--backend", default="builtin")
-    world_report.add_argument("--prompts", type=int, default=360, help="held-out prompts for the generator")
-    world_report.add_argument("--num-images", type=int, default=4, help="images per held-out prompt")
+    world_report.add_argument("--prompts", type=int, default=360, help="held-out (or validation) prompts")
+    world_report.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    world_report.add_argument(
+        "--candidates", nargs="+", default=["5", "3", "3:20"], help="sampling candidates GUIDANCE[:TOP_K]"
+    )
     world_report.add_argument("--out", type=Path, help="also write the JSON here")
     world_report.set_defaults(handler=_world_report)
 

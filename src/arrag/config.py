@@ -76,11 +76,11 @@ class GenerationConfig:
     """One generation request: every prompt gets ``num_images_per_prompt`` rows, row i seeded ``seed + i``.
 
     ``method``: ``daid`` mixes retrieved tokens into the distribution; ``faid`` feeds them to a FAiD adapter's
-    blenders; ``faid+daid`` does both from one search.
+    blenders; ``faid+daid`` does both from one search. ``sampling`` None: the backend's own (``Backend.sampling``).
     """
 
     method: Method = "none"
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig | None = None
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     num_images_per_prompt: int = 1
     seed: int = 0

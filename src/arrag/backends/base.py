@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from arrag.config import SamplingConfig
 from arrag.grid import Grid
 from arrag.images import Preprocessing
 
@@ -52,6 +53,7 @@ class Backend(Protocol):
     preprocessing: Preprocessing  # how ``preprocess`` resizes, crops and scales an image for the tokenizer
     codebook_fingerprint: str
     device: torch.device
+    sampling: SamplingConfig  # how this model is meant to be decoded: its authors' settings, or validation's
 
     def start(self, prompts: Sequence[str], guidance_scale: float, faid: FaidHooks | None = None) -> Session: ...
 

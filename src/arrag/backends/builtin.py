@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from arrag.backends.base import StepLogits
+from arrag.config import SamplingConfig
 from arrag.database import Neighbours
 from arrag.faid.attach import FaidHooks, FaidTarget
 from arrag.grid import Grid
@@ -73,6 +74,7 @@ class BuiltinBackend:
     transformer: ImageTransformer
     vq: VQModel
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
         self.transformer.to(self.device).eval()
@@ -158,16 +160,27 @@ def load_transformer(directory: Path) -> ImageTransformer:
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "builtin"
 
 
+def recommended_sampling(directory: Path) -> SamplingConfig:
+    """The sampling recorded beside a trained generator's weights (its ``config.json``), else the defaults."""
+    return SamplingConfig(**json.loads((directory / CONFIG_FILE).read_text()).get("sampling", {}))
+
+
 def builtin_backend(directory: Path = BUILTIN_DIR, device: str | torch.device = "cpu") -> BuiltinBackend:
-    """The trained built-in model: ``directory`` holds ``tokenizer/`` and ``generator/`` weight folders."""
+    """The trained built-in model: ``directory`` holds ``tokenizer/`` and ``generator/`` weight folders; the
+    generator's ``config.json`` may record the sampling it is meant to be decoded with."""
     for part in ("tokenizer", "generator"):
         if not (directory / part / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(
                 f"{directory / part} has no {WEIGHTS_FILE}; train it with arrag train {part} --out {directory / part}"
             )
     name = "builtin" if directory == BUILTIN_DIR else f"builtin:{directory}"
+    generator = directory / "generator"
     return BuiltinBackend(
-        name, load_transformer(directory / "generator"), load_vq(directory / "tokenizer"), torch.device(device)
+        name,
+        load_transformer(generator),
+        load_vq(directory / "tokenizer"),
+        torch.device(device),
+        recommended_sampling(generator),
     )
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import AutoProcessor, DynamicCache, JanusForConditionalGeneration
 
 from arrag.backends.base import StepLogits
+from arrag.config import SamplingConfig
 from arrag.database import Neighbours
 from arrag.faid.attach import FaidHooks, FaidTarget
 from arrag.grid import Grid
@@ -108,6 +109,7 @@ class JanusBackend:
         # The VQ model takes [-1, 1] centre crops (AR-RAG's img2code: Resize, CenterCrop, Normalize(0.5, 0.5)),
         # not the processor's CLIP normalisation and square padding.
         self.preprocessing = Preprocessing(self.image_size)
+        self.sampling = SamplingConfig()  # Janus-Pro's own generation settings: guidance 5, temperature 1
 
     def prompt_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Janus's chat template with the image-start token, left-padded -> (input_ids, attention_mask)."""

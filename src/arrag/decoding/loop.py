@@ -135,7 +135,7 @@ def generate(
     if len(seeds) != len(rows):
         raise ValueError(f"{len(rows)} rows need {len(rows)} seeds, got {len(seeds)}")
     generators = [torch.Generator(device=backend.device).manual_seed(s) for s in seeds]
-    sampling, total = config.sampling, backend.grid.size
+    sampling, total = config.sampling or backend.sampling, backend.grid.size
     if retriever is None and database is not None and (mixing or blending):
         k = max(config.retrieval.k if mixing else 0, faid.config.k if blending and faid is not None else 0)
         retriever = PatchRetriever(backend, database, k, len(rows))
