@@ -57,7 +57,7 @@ class EvalConfig:
     cache: Path = CACHE_DIR
     test_prompts: int = 552
     images_per_prompt: int = 1  # per seed: each prompt gets one image from each of the seeds
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
     validation_prompts: int = 60
     validation_images: int = 1
     weights: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.3)  # λ sweep; 0 is the base model
@@ -239,9 +239,7 @@ def choose(experiment: Experiment, prompts: list[Prompt]) -> tuple[dict[str, Met
     # then show the best retrieval could do, and the report says that it did not help on validation.
     tuned = max((daid(best_daid, rule, t, k) for t in config.temperatures for k in config.ks), key=score)
     retrieval = tuned.generation.retrieval
-    chosen["daid"] = max(
-        (daid(best_daid, rule, retrieval.temperature, retrieval.k, h) for h in config.hops), key=score
-    )
+    chosen["daid"] = max((daid(best_daid, rule, retrieval.temperature, retrieval.k, h) for h in config.hops), key=score)
     chosen["image-level"] = image_level(best_image if best_image > 0 else min(weights))
     if experiment.adapter is not None:  # FAiD has no retrieval weight to choose: its blenders learned theirs
         chosen["faid"] = FAID
