@@ -260,15 +260,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from arrag.config import RetrievalConfig
+    from dataclasses import replace
+
     from arrag.demo import DemoConfig, run_demo
 
+    given = {"weight": args.lam, "temperature": args.tau, "k": args.k, "duplicates": args.duplicates}
     config = DemoConfig(
         out=args.out,
         prompts=args.prompts,
         images_per_prompt=args.num_images,
         seed=args.seed,
-        retrieval=RetrievalConfig(weight=args.lam, temperature=args.tau, k=args.k, duplicates=args.duplicates),
+        retrieval=replace(DemoConfig().retrieval, **{name: v for name, v in given.items() if v is not None}),
         **({"cache": args.cache} if args.cache else {}),
     )
     summary = run_demo(config)
@@ -477,10 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompts", type=int, default=6)
     demo.add_argument("--num-images", type=int, default=2, help="images per prompt")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--lambda", dest="lam", type=float, default=0.05, help="default: chosen by arrag eval")
-    demo.add_argument("--tau", type=float, default=1.0)
-    demo.add_argument("--k", type=int, default=2048)
-    demo.add_argument("--duplicates", choices=["nearest", "sum"], default="sum", help="default: chosen by arrag eval")
+    chosen = demo.add_argument_group("DAiD", "defaults: the setting arrag eval chose (docs/results.md)")
+    chosen.add_argument("--lambda", dest="lam", type=float, help="retrieval weight λ in [0, 1]")
+    chosen.add_argument("--tau", type=float, help="retrieval temperature τ > 0")
+    chosen.add_argument("--k", type=int, help="neighbours retrieved per position")
+    chosen.add_argument("--duplicates", choices=["nearest", "sum"])
     demo.set_defaults(handler=_demo)
 
     evaluation = sub.add_parser("eval", help="does retrieval help? base model, DAiD and image-level retrieval compared")

@@ -36,7 +36,7 @@ class DemoConfig:
     seed: int = 0
     # The DAiD setting `arrag eval` chose on validation prompts (docs/results.md).
     retrieval: RetrievalConfig = field(
-        default_factory=lambda: RetrievalConfig(weight=0.05, temperature=1.0, k=2048, duplicates="sum")
+        default_factory=lambda: RetrievalConfig(weight=0.05, temperature=1.0, k=2048, duplicates="nearest")
     )
 
     def __post_init__(self) -> None:

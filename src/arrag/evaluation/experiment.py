@@ -310,6 +310,7 @@ def evaluate(config: EvalConfig) -> dict[str, object]:
         logger.info("test %s: overall %s", method.name, entry["scores"]["overall"])
     return {
         "config": asdict(config),
+        "sampling": asdict(experiment.backend.sampling),
         "validation": sweep,
         "methods": results,
         "copy_threshold": asdict(threshold),

@@ -102,6 +102,8 @@ def write_report(results: dict, out: Path, command: str) -> Path:
         f"{len(config['seeds'])} seed(s), judged by the world's checker with GenEval's rules. Intervals: 95% "
         "stratified bootstrap over prompts.",
         "",
+        f"Sampling (the built-in model's own, for every method): `{json.dumps(results.get('sampling'))}`.",
+        "",
         "## Compositional score",
         "",
         *_score_table(results["methods"]),
