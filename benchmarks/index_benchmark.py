@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from arrag import indexes
-from arrag.database import DatabaseSpec, IdLayout, make_entries
+from arrag.database import DatabaseSpec, make_entries
 from arrag.grid import Grid
 from arrag.indexes import IndexConfig
 
@@ -44,20 +44,21 @@ def zipf_grids(images: int, exponent: float, seed: int) -> np.ndarray:
 
 
 def entries(grids: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(M, 32) keys, (M,) ids, (M, 4) neighbour tokens of every entry of the grids."""
+    """(M, 32) keys, (M,) entry numbers, (M, 4) neighbour tokens of every entry of the grids."""
     parts = [
         make_entries(SPEC, torch.from_numpy(grids[s : s + CHUNK]), torch.from_numpy(codebook[grids[s : s + CHUNK]]), s)
         for s in range(0, len(grids), CHUNK)
     ]
-    return tuple(np.concatenate([getattr(p, name) for p in parts]) for name in ("keys", "ids", "cells"))  # type: ignore[return-value]
+    return tuple(np.concatenate([getattr(p, name) for p in parts]) for name in ("keys", "numbers", "cells"))  # type: ignore[return-value]
 
 
 def true_distances(queries: np.ndarray, ids: np.ndarray, grids: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """(B, K) squared distance from each query to the key of each returned id, recomputed from its tokens."""
-    image, position, _ = IdLayout.for_spec(SPEC).unpack(ids)
-    table = SPEC.neighbourhood.indices(SPEC.grid)  # (R·C, 4)
+    """(B, K) squared distance from each query to the key of each returned entry, recomputed from its tokens."""
+    eligible = SPEC.neighbourhood.eligible(SPEC.grid)
     valid = ids >= 0
-    cells = grids[np.where(valid, image, 0)[..., None], table[np.where(valid, position, 0)]]  # (B, K, 4)
+    image, slot = np.divmod(np.where(valid, ids, 0), len(eligible))
+    table = SPEC.neighbourhood.indices(SPEC.grid)  # (R·C, 4)
+    cells = grids[image[..., None], table[eligible[slot]]]  # (B, K, 4)
     keys = codebook[cells].reshape(*ids.shape, -1)  # (B, K, 32)
     return np.where(valid, ((queries[:, None, :] - keys) ** 2).sum(-1), np.inf)
 

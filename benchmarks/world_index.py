@@ -39,7 +39,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     backend = load_backend("builtin")
     flat = world_database(backend, world_database_dir(CACHE_DIR, backend))
-    keys = faiss.downcast_index(flat.index.index).reconstruct_n(0, flat.index.ntotal)  # (M, D)
+    keys = flat.index.reconstruct_n(0, flat.index.ntotal)  # (M, D)
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.05, (args.queries, keys.shape[1])).astype(np.float32)
     queries = keys[rng.integers(0, len(keys), args.queries)] + noise  # (Q, D)

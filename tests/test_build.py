@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from arrag import indexes
 from arrag.build import BuildConfig, add_to_database, build_database
 from arrag.database import PatchDatabase
 from arrag.grid import Neighbourhood
@@ -16,19 +17,28 @@ from arrag.stages import STATE_DIR
 from conftest import blob_images, database_from_images
 
 
-def entry_ids(index: faiss.Index) -> np.ndarray:
-    """Every id stored in an index, sorted (id maps and IVF inverted lists)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        return np.sort(faiss.vector_to_array(index.id_map))
+def same_entries(a: PatchDatabase, b: PatchDatabase) -> None:
+    """The same images, entry numbers and next tokens; indexes that number entries as added (no stored ids)
+    must hold the same key under each number."""
+    assert a.sources == b.sources
+    assert np.array_equal(a.next_tokens, b.next_tokens)
+    assert indexes.stores_ids(a.index) == indexes.stores_ids(b.index)
+    if not indexes.stores_ids(a.index):
+        assert np.array_equal(a.index.reconstruct_n(0, len(a)), b.index.reconstruct_n(0, len(b)))
+        return
+    ivf_a, ivf_b = faiss.extract_index_ivf(a.index), faiss.extract_index_ivf(b.index)
+    assert np.array_equal(stored_ids(ivf_a), stored_ids(ivf_b))
+    assert np.array_equal(stored_ids(ivf_a), np.arange(len(a)))
+
+
+def stored_ids(ivf: faiss.IndexIVF) -> np.ndarray:
+    """Every id in an IVF index's inverted lists, sorted."""
     lists = ivf.invlists
-    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(ivf.nlist)]
-    return np.sort(np.concatenate(parts))
+    return np.sort(np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(ivf.nlist)]))
 
 
 def same_database(a: PatchDatabase, b: PatchDatabase) -> None:
-    assert a.sources == b.sources
-    assert np.array_equal(entry_ids(a.index), entry_ids(b.index))
+    same_entries(a, b)
     queries = torch.randn(12, a.spec.key_dim, generator=torch.Generator().manual_seed(0))
     for name in ("distances", "tokens", "image_ids", "positions"):
         assert torch.equal(getattr(a.search(queries, 7), name), getattr(b.search(queries, 7), name)), name
@@ -36,8 +46,7 @@ def same_database(a: PatchDatabase, b: PatchDatabase) -> None:
 
 def same_entries_and_distances(a: PatchDatabase, b: PatchDatabase) -> None:
     """Same entries and distances; the order of equally distant entries may differ (other IVF list layouts)."""
-    assert a.sources == b.sources
-    assert np.array_equal(entry_ids(a.index), entry_ids(b.index))
+    same_entries(a, b)
     queries = torch.randn(12, a.spec.key_dim, generator=torch.Generator().manual_seed(0))
     found_a, found_b = a.search(queries, 7), b.search(queries, 7)
     assert torch.equal(found_a.distances, found_b.distances)
@@ -79,7 +88,9 @@ def test_a_folder_with_bad_files_builds_with_a_correct_report(backend, folder, t
     expected, _ = database_from_images(backend, [Image.open(p).convert("RGB") for p in good], Neighbourhood())
     assert database.sources == [str(p) for p in good]
     assert len(database) == report.entries == len(expected)
-    same_database(database, PatchDatabase(expected.spec, expected.index, database.sources))
+    same_database(
+        database, PatchDatabase(expected.spec, expected.index, database.sources, next_tokens=expected.next_tokens)
+    )
     manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
     assert [s["images"] for s in manifest["token_shards"]] == [2, 3, 3, 2, 3, 1]  # bad files sorted among good
     assert report.bytes_per_entry > 0
@@ -150,7 +161,7 @@ def test_db_add_gives_the_database_of_one_build(backend, folder, tmp_path, descr
     assert len(list(grown.glob("*.ivfdata"))) == int(on_disk)
     a, b = PatchDatabase.load(grown), PatchDatabase.load(whole)
     if description.startswith("HNSW"):  # another insertion order makes another graph: compare contents only
-        assert a.sources == b.sources and np.array_equal(entry_ids(a.index), entry_ids(b.index))
+        same_entries(a, b)
     else:
         same_entries_and_distances(a, b)
 
@@ -177,7 +188,7 @@ def test_codebook_pq_build_is_exact_and_smaller_than_flat(backend, folder, tmp_p
     a, b = PatchDatabase.load(tmp_path / "flat"), PatchDatabase.load(tmp_path / "pq")
     queries = torch.randn(20, a.spec.key_dim, generator=torch.Generator().manual_seed(1))
     np.testing.assert_allclose(a.search(queries, 9).distances, b.search(queries, 9).distances, atol=1e-5)
-    assert faiss.downcast_index(b.index.index).pq.code_size == 3  # 4 neighbours × 6 bits (64 codes)
+    assert faiss.downcast_index(b.index).pq.code_size == 3  # 4 neighbours × 6 bits (64 codes)
     assert pq.bytes_per_entry < flat.bytes_per_entry / 3  # at this size mostly the 4 × 128 × 8 centroid table
 
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from arrag.backends.builtin import tiny_backend
-from arrag.database import DatabaseMismatchError, DatabaseSpec, IdLayout, PatchDatabase
+from arrag.database import NEXT_TOKENS_FILE, DatabaseMismatchError, DatabaseSpec, PatchDatabase, make_entries
 from arrag.grid import Grid
 
 SPEC = DatabaseSpec(backend="synthetic", grid=Grid(6, 7), codebook_size=100, codebook_fingerprint="x", cell_dim=4)
@@ -62,12 +62,18 @@ def test_fewer_entries_than_k_are_marked_invalid():
     assert (found.image_ids[~found.valid] == -1).all()
 
 
-@given(st.integers(0, 2**35), st.integers(0, 41), st.integers(0, 99))
-def test_id_layout_round_trips(image, position, token):
-    layout = IdLayout.for_spec(SPEC)
-    packed = layout.pack(np.array([image]), np.array([position]), np.array([token]))
-    assert packed[0] >= 0
-    assert [int(part[0]) for part in layout.unpack(packed)] == [image, position, token]
+def test_entry_numbers_locate_image_position_and_next_token():
+    database, tokens, vectors = random_database()
+    _, meta = brute_force_entries(tokens, vectors)
+    located = database.locate(np.arange(len(database)))
+    assert np.stack(located, axis=1).tolist() == meta.tolist()
+    assert [part.tolist() for part in database.locate(np.array([[-1]]))] == [[[-1]], [[-1]], [[0]]]
+
+
+@given(st.integers(0, 2**40))
+def test_entry_numbers_of_any_database_size_locate_their_image(image):
+    numbers = make_entries(SPEC, torch.zeros(1, SPEC.grid.size, dtype=torch.long), torch.ones(1, 42, 4), image).numbers
+    assert (numbers // 25 == image).all() and numbers.tolist() == list(range(image * 25, image * 25 + 25))
 
 
 def test_save_load_round_trip_gives_identical_results(tmp_path):
@@ -76,7 +82,7 @@ def test_save_load_round_trip_gives_identical_results(tmp_path):
     before = database.search(queries, k=8)
     database.save(tmp_path / "db")
     manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
-    assert manifest["version"] == 1
+    assert manifest["version"] == 2
     assert manifest["counts"] == {"images": 30, "entries": 750, "entries_per_image": 25}
     assert manifest["spec"]["neighbourhood"] == {"hops": 1, "missing": "skip"}
     loaded = PatchDatabase.load(tmp_path / "db", expect=SPEC)
@@ -117,3 +123,16 @@ def test_add_checks_its_inputs():
         database.add(torch.zeros(2, 42, dtype=torch.long), torch.zeros(2, 42, 4), ["only one"])
     with pytest.raises(ValueError, match="queries must be"):
         database.search(torch.zeros(1, 3), k=1)
+
+
+def test_a_damaged_or_older_database_is_refused_with_what_to_do(tmp_path):
+    database, _, _ = random_database()
+    database.save(tmp_path / "db")
+    next_tokens = np.load(tmp_path / "db" / NEXT_TOKENS_FILE)
+    np.save(tmp_path / "db" / NEXT_TOKENS_FILE, next_tokens[:-25])
+    with pytest.raises(ValueError, match="damaged, build it again"):
+        PatchDatabase.load(tmp_path / "db")
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    (tmp_path / "db" / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(ValueError, match="build the database again"):
+        PatchDatabase.load(tmp_path / "db")

@@ -48,7 +48,7 @@ def filled(config: IndexConfig, images: int = 60, search_params: str = "") -> tu
 def all_entries(images: int = 60) -> tuple[np.ndarray, np.ndarray]:
     tokens = token_grids(images)
     entries = make_entries(SPEC, tokens, torch.from_numpy(unit_codebook()[tokens]), 0)
-    return entries.keys, entries.ids
+    return entries.keys, entries.numbers
 
 
 def queries(count: int = 40, seed: int = 1) -> torch.Tensor:
@@ -61,23 +61,24 @@ def queries(count: int = 40, seed: int = 1) -> torch.Tensor:
 
 
 def assert_exact(database: PatchDatabase, k: int = 10) -> None:
-    """Same distances as brute force, and every returned id's own key is at the returned distance."""
-    keys, ids = all_entries()
-    key_of = dict(zip(ids.tolist(), keys, strict=True))
+    """Same distances as brute force, and every returned entry's own key is at the returned distance."""
+    keys, numbers = all_entries()
+    image, position, _ = database.locate(numbers)
+    key_of = dict(zip(zip(image.tolist(), position.tolist(), strict=True), keys, strict=True))
     q = queries()
     found = database.search(q, k)
     brute = ((q.numpy()[:, None, :] - keys[None]) ** 2).sum(-1)  # (B, N)
     np.testing.assert_allclose(found.distances.numpy(), np.sort(brute, axis=1)[:, :k], atol=1e-5)
-    packed = database.layout.pack(found.image_ids.numpy(), found.positions.numpy(), found.tokens.numpy())
     for row in range(len(q)):
-        own = [((q[row].numpy() - key_of[i]) ** 2).sum() for i in packed[row]]
+        where = zip(found.image_ids[row].tolist(), found.positions[row].tolist(), strict=True)
+        own = [((q[row].numpy() - key_of[i]) ** 2).sum() for i in where]
         np.testing.assert_allclose(own, found.distances[row].numpy(), atol=1e-5)
 
 
 def test_pack_codes_is_faiss_own_encoding_of_codebook_keys():
     codebook = unit_codebook()
     index = SPEC.empty_index(IndexConfig("CodebookPQ"), codebook)
-    pq_index = faiss.downcast_index(index.index)
+    pq_index = faiss.downcast_index(index)
     bits = pq_index.pq.nbits
     assert bits == math.ceil(math.log2(V + 1))
     cells = np.random.default_rng(0).integers(0, V + 1, size=(500, 4))  # V: the zero cell
@@ -89,9 +90,7 @@ def test_pack_codes_is_faiss_own_encoding_of_codebook_keys():
 @pytest.mark.parametrize("description", ["CodebookPQ", "IVF8,CodebookPQ"])
 def test_codebook_pq_distances_are_exact_in_a_few_bytes(description):
     database, _ = filled(IndexConfig(description), search_params="nprobe=8" if "IVF" in description else "")
-    pq_index = faiss.downcast_index(
-        faiss.extract_index_ivf(database.index) if "IVF" in description else database.index.index
-    )
+    pq_index = faiss.downcast_index(faiss.extract_index_ivf(database.index) if "IVF" in description else database.index)
     assert pq_index.pq.code_size == math.ceil(4 * math.log2(V + 1) / 8) == 3  # 4 neighbours × 6 bits
     assert_exact(database)
 
@@ -123,12 +122,12 @@ def test_search_params_are_saved_and_applied_on_load(tmp_path):
     assert torch.equal(loaded.search(q, 5).distances, database.search(q, 5).distances)
 
 
-def test_hnsw_ef_search_is_set_through_the_id_map_and_widens_the_search():
+def test_hnsw_ef_search_is_set_and_widens_the_search():
     database, _ = filled(IndexConfig("HNSW8"), search_params="efSearch=10")
     q = queries()
     narrow = database.search(q, 10).distances.sum()
     database.set_search_params("efSearch=400")
-    assert faiss.downcast_index(database.index.index).hnsw.efSearch == 400
+    assert faiss.downcast_index(database.index).hnsw.efSearch == 400
     assert database.search(q, 10).distances.sum() < narrow
 
 
@@ -142,7 +141,7 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="codebook"):
         indexes.make_index(IndexConfig("CodebookPQ"), 16, 4)
     without_zero = indexes.make_index(IndexConfig("CodebookPQ"), 16, 4, unit_codebook(), zero_cells=False)
-    assert faiss.downcast_index(without_zero.index).pq.nbits == math.ceil(math.log2(V))
+    assert faiss.downcast_index(without_zero).pq.nbits == math.ceil(math.log2(V))
     with pytest.raises(ValueError, match="does not fit"):  # a zero cell in a database without them
         indexes.add_entries(
             without_zero, IndexConfig("CodebookPQ"), np.zeros((1, 16)), np.zeros(1), np.full((1, 4), 64)

@@ -3,7 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -75,9 +74,8 @@ def test_encode_is_the_normalised_argmin_and_decode_round_trips(janus):
 
 def stored_entries(database: PatchDatabase) -> tuple[np.ndarray, np.ndarray]:
     """Every stored key and its next token, read back from the index (not through search)."""
-    keys = database.index.index.reconstruct_n(0, len(database))  # (N, D)
-    ids = faiss.vector_to_array(database.index.id_map)  # (N,)
-    return keys, database.layout.unpack(ids)[2]
+    keys = database.index.reconstruct_n(0, len(database))  # (N, D) in entry order
+    return keys, np.asarray(database.next_tokens)
 
 
 def test_text_to_image_with_daid_on_a_database_of_real_photos(janus, tmp_path):

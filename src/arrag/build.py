@@ -35,11 +35,13 @@ from arrag.backends import Backend, BackendRef
 from arrag.database import (
     INDEX_FILE,
     MANIFEST_FILE,
+    NEXT_TOKENS_FILE,
     SOURCES_FILE,
     TEMPLATE_FILE,
     DatabaseSpec,
     PatchDatabase,
     index_bytes,
+    next_tokens,
     read_manifest,
 )
 from arrag.engines import ENGINES, EngineName, LocalEngine, RayEngine, make_engine
@@ -422,12 +424,15 @@ def _merge(
     """Merge the index shards (after the database's own index, for an add) and save the database."""
     parts = [index_shard_file(directory, record["shard"]) for record in records if record["images"]]
     base_sources: list[str] = []
+    entry_tokens: list[np.ndarray] = []  # next tokens, base then shard by shard: the entry order
     if plan["kind"] == "add":
         base = directory / BASE_FILE
         if not base.exists():  # the index before this add; a killed merge may already have replaced INDEX_FILE
             write_atomically(base, lambda tmp: shutil.copyfile(directory / INDEX_FILE, tmp))
         parts.insert(0, base)
         base_sources = json.loads((directory / SOURCES_FILE).read_text())[: plan["first_image"]]
+        base_entries = plan["first_image"] * len(spec.neighbourhood.eligible(spec.grid))
+        entry_tokens.append(np.load(directory / NEXT_TOKENS_FILE, mmap_mode="r")[:base_entries])
     if config.on_disk:
         ivfdata = directory / plan["ivfdata"]
         ivfdata.unlink(missing_ok=True)  # left by a merge that was killed
@@ -441,12 +446,20 @@ def _merge(
     token_shards = list(plan["base_token_shards"])
     for record, first in zip(records, firsts, strict=True):
         if record["images"]:
-            sources += read_token_shard(directory / record["file"], spec.cell_dim, ("source",)).names
+            shard = read_token_shard(directory / record["file"], spec.cell_dim, ("source", "tokens"))
+            sources += shard.names
+            entry_tokens.append(next_tokens(spec, shard.tokens))
             token_shards.append({"file": record["file"], "first_image": first, "images": record["images"]})
         else:
             (directory / record["file"]).unlink(missing_ok=True)
     database = PatchDatabase(
-        spec, index, sources, config, token_shards=token_shards, preprocessing=plan["preprocessing"]
+        spec,
+        index,
+        sources,
+        config,
+        token_shards=token_shards,
+        preprocessing=plan["preprocessing"],
+        next_tokens=np.concatenate(entry_tokens),
     )
     database.save(directory)
     if not (directory / TEMPLATE_FILE).exists():

@@ -1,20 +1,21 @@
-"""The patch database: FAISS index over patch keys whose ids carry the next token and its provenance.
+"""The patch database: a FAISS index over patch keys, and the token that followed each key.
 
 An entry is made for every eligible position of every database image. Its key is
-:func:`arrag.keys.patch_keys` of the position's causal neighbours; its FAISS id packs
-``(image id, position, token)`` (see :class:`IdLayout`), so a search returns the token that followed each
-neighbour and where it came from without a second lookup array.
+:func:`arrag.keys.patch_keys` of the position's causal neighbours. Entries are numbered in order, P per
+image: entry ``image · P + slot`` is eligible position ``slot`` of image ``image``. The number is the entry's
+FAISS id, stored by indexes that keep ids (IVF, ``IDMap``) and implicit in the others (flat codes, HNSW),
+which number entries in the order they are added. So provenance costs no bytes, and the next token is one
+2-byte array beside the index (``next-tokens.npy``, memory-mapped on load), not part of a 64-bit id.
 
-Shapes: B queries, K neighbours, D key length.
+Shapes: B queries, K neighbours, D key length, M entries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,11 @@ from arrag.keys import KEY_SOURCES, KeySource, key_dim, patch_keys
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: entry numbers as ids and a next-token array (1: packed ids)
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 SOURCES_FILE = "sources.json"
+NEXT_TOKENS_FILE = "next-tokens.npy"
 TEMPLATE_FILE = "trained.faiss"  # the empty trained index: what `arrag db add` adds shards to
 
 
@@ -124,37 +126,14 @@ class DatabaseSpec:
                 )
 
 
-@dataclass(frozen=True)
-class IdLayout:
-    """Bit layout of a FAISS id: ``image << (position_bits + token_bits) | position << token_bits | token``."""
+def token_dtype(codebook_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token of the codebook."""
+    return np.dtype(np.uint16 if codebook_size <= 1 << 16 else np.uint32)
 
-    token_bits: int
-    position_bits: int
 
-    @classmethod
-    def for_spec(cls, spec: DatabaseSpec) -> IdLayout:
-        return cls(
-            token_bits=max(1, math.ceil(math.log2(spec.codebook_size))),
-            position_bits=max(1, math.ceil(math.log2(spec.grid.size))),
-        )
-
-    @property
-    def max_images(self) -> int:
-        # 63 bits: FAISS ids are signed and -1 means "no result".
-        return 1 << (63 - self.token_bits - self.position_bits)
-
-    def pack(self, image: np.ndarray, position: np.ndarray, token: np.ndarray) -> np.ndarray:
-        image, position, token = (np.asarray(a, dtype=np.int64) for a in (image, position, token))
-        return (image << (self.position_bits + self.token_bits)) | (position << self.token_bits) | token
-
-    def unpack(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids -> (image, position, token); -1 ids (no result) give -1 everywhere."""
-        ids = np.asarray(ids, dtype=np.int64)
-        missing = ids < 0
-        token = ids & ((1 << self.token_bits) - 1)
-        position = (ids >> self.token_bits) & ((1 << self.position_bits) - 1)
-        image = ids >> (self.position_bits + self.token_bits)
-        return tuple(np.where(missing, -1, part) for part in (image, position, token))  # type: ignore[return-value]
+def next_tokens(spec: DatabaseSpec, tokens: np.ndarray) -> np.ndarray:
+    """(N, R·C) token grids -> (N·P,) the token at each of their entries' positions, in entry order."""
+    return tokens[:, spec.neighbourhood.eligible(spec.grid)].ravel().astype(token_dtype(spec.codebook_size))
 
 
 @dataclass(frozen=True)
@@ -162,7 +141,8 @@ class Entries:
     """Database entries of some images, ready for an index."""
 
     keys: np.ndarray  # (M, D) float32 patch keys
-    ids: np.ndarray  # (M,) int64 packed (image, position, next token)
+    numbers: np.ndarray  # (M,) int64 entry numbers, image · P + slot: the FAISS ids
+    next_tokens: np.ndarray  # (M,) token at each entry's position (token_dtype)
     cells: np.ndarray  # (M, n) int64 token of each neighbour cell; codebook_size where the cell is off the grid
 
 
@@ -187,20 +167,16 @@ def make_entries(spec: DatabaseSpec, tokens: torch.Tensor, cell_vectors: torch.T
         raise ValueError(f"token ids must be in [0, {spec.codebook_size}), got {tokens.min()}..{tokens.max()}")
     if not torch.isfinite(cell_vectors).all():
         raise ValueError("cell_vectors contain NaN or infinite values")
-    layout = IdLayout.for_spec(spec)
-    if first_image + n > layout.max_images:
-        raise ValueError(f"the id layout holds at most {layout.max_images} images")
     positions = spec.neighbourhood.eligible(spec.grid)  # (P,)
     keys = patch_keys(cell_vectors, positions, spec.grid, spec.neighbourhood)  # (N, P, D)
-    image_ids = np.arange(first_image, first_image + n)[:, None]  # (N, 1)
     grid_tokens = tokens.cpu().numpy()  # (N, R·C)
     table = spec.neighbourhood.indices(spec.grid)[positions]  # (P, n)
     padded = np.concatenate([grid_tokens, np.full((n, 1), spec.codebook_size)], axis=1)  # (N, R·C + 1)
     cells = padded[:, np.where(table < 0, spec.grid.size, table)]  # (N, P, n)
-    ids = layout.pack(image_ids, positions[None, :], grid_tokens[:, positions])  # (N, P)
     return Entries(
         keys=keys.reshape(-1, keys.shape[-1]).cpu().numpy(),
-        ids=ids.ravel(),
+        numbers=first_image * len(positions) + np.arange(n * len(positions)),
+        next_tokens=next_tokens(spec, grid_tokens),
         cells=cells.reshape(-1, table.shape[1]).astype(np.int64),
     )
 
@@ -219,9 +195,9 @@ class Neighbours:
 class PatchDatabase:
     """Patch database over a FAISS index (exact ``Flat`` by default; see :mod:`arrag.indexes` for others).
 
-    ``token_shards`` lists the Parquet token shards a sharded build wrote (``file``, ``first_image``,
-    ``images``) and ``preprocessing`` how it prepared images for the tokenizer; a database built in memory
-    records neither.
+    ``next_tokens`` holds the token at every entry's position, in entry order. ``token_shards`` lists the
+    Parquet token shards a sharded build wrote (``file``, ``first_image``, ``images``) and ``preprocessing``
+    how it prepared images for the tokenizer; a database built in memory records neither.
     """
 
     def __init__(
@@ -233,11 +209,11 @@ class PatchDatabase:
         codebook: np.ndarray | None = None,
         token_shards: list[dict] | None = None,
         preprocessing: dict | None = None,
+        next_tokens: np.ndarray | None = None,
     ):
         """``index`` defaults to an empty index of ``index_config`` (``codebook``, (V, d) unit vectors: the
         codebook PQ's centroids)."""
         self.spec = spec
-        self.layout = IdLayout.for_spec(spec)
         self.index_config = index_config or IndexConfig()
         if self.index_config.codebook_pq and spec.key_source != "codebook":
             raise ValueError("a CodebookPQ index stores codebook keys; this database's keys are encoder latents")
@@ -247,12 +223,34 @@ class PatchDatabase:
         if self.index.d != spec.key_dim:
             raise ValueError(f"index has dimension {self.index.d}, the spec's keys have {spec.key_dim}")
         self.sources: list[str] = list(sources or [])
+        if next_tokens is None:
+            next_tokens = np.zeros(0, dtype=token_dtype(spec.codebook_size))
+        self.next_tokens = next_tokens  # (M,)
+        expected = len(self.sources) * len(self.positions)
+        if not self.index.ntotal == len(self.next_tokens) == expected:
+            raise ValueError(
+                f"index holds {self.index.ntotal} entries and next_tokens {len(self.next_tokens)}, but "
+                f"{len(self.sources)} images have {expected}; the database is damaged, build it again"
+            )
         self.token_shards: list[dict] = list(token_shards or [])
         self.preprocessing: dict = dict(preprocessing or {})
         indexes.set_search_params(self.index, self.index_config.search_params)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
+
+    def locate(self, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Entry numbers (any shape; -1: no entry) -> (image id, raster position, next token); -1, -1, 0 where
+        there is no entry."""
+        numbers = np.asarray(numbers, dtype=np.int64)
+        valid = numbers >= 0
+        image, slot = np.divmod(np.where(valid, numbers, 0), len(self.positions))
+        token = np.asarray(self.next_tokens[np.where(valid, numbers, 0).ravel()]).reshape(numbers.shape)
+        return (
+            np.where(valid, image, -1),
+            np.where(valid, self.positions[slot], -1),
+            np.where(valid, token.astype(np.int64), 0),
+        )
 
     @property
     def num_images(self) -> int:
@@ -279,7 +277,8 @@ class PatchDatabase:
         if not self.index.is_trained:
             raise ValueError(f"the {self.index_config.description} index must be trained before adding entries")
         entries = make_entries(self.spec, tokens, cell_vectors, self.num_images)
-        indexes.add_entries(self.index, self.index_config, entries.keys, entries.ids, entries.cells)
+        indexes.add_entries(self.index, self.index_config, entries.keys, entries.numbers, entries.cells)
+        self.next_tokens = np.concatenate([self.next_tokens, entries.next_tokens])
         self.sources.extend(sources)
 
     def train(self, keys: np.ndarray, seed: int = 0) -> None:
@@ -302,12 +301,12 @@ class PatchDatabase:
         if queries.ndim != 2 or queries.shape[1] != self.spec.key_dim:
             raise ValueError(f"queries must be (B, {self.spec.key_dim}), got {tuple(queries.shape)}")
         query_array = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        distances, ids = self.index.search(query_array, k)  # (B, K) each
-        image, position, token = self.layout.unpack(ids)
-        valid = ids >= 0
+        distances, numbers = self.index.search(query_array, k)  # (B, K) each
+        image, position, token = self.locate(numbers)
+        valid = numbers >= 0
         return Neighbours(
             distances=torch.from_numpy(np.where(valid, distances, np.inf).astype(np.float32)),
-            tokens=torch.from_numpy(np.where(valid, token, 0)),
+            tokens=torch.from_numpy(token),
             image_ids=torch.from_numpy(image),
             positions=torch.from_numpy(position),
             valid=torch.from_numpy(valid),
@@ -318,7 +317,8 @@ class PatchDatabase:
             "format": "arrag-patch-database",
             "version": MANIFEST_VERSION,
             "spec": self.spec.to_dict(),
-            "id_layout": asdict(self.layout),
+            "entry_ids": "image * entries_per_image + slot of the position among the eligible ones",
+            "next_tokens": {"file": NEXT_TOKENS_FILE, "dtype": str(self.next_tokens.dtype)},
             "index": {**self.index_config.to_dict(), "metric": "squared-l2", "key_dim": self.spec.key_dim},
             "counts": {
                 "images": self.num_images,
@@ -339,6 +339,10 @@ class PatchDatabase:
         tmp = directory / (INDEX_FILE + ".tmp")
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, directory / INDEX_FILE)
+        tmp = directory / (NEXT_TOKENS_FILE + ".tmp")
+        with open(tmp, "wb") as file:
+            np.save(file, self.next_tokens)
+        os.replace(tmp, directory / NEXT_TOKENS_FILE)
         _write_json(directory / SOURCES_FILE, self.sources)
         _write_json(directory / MANIFEST_FILE, self.manifest())
         logger.info("saved %d entries from %d images to %s", len(self), self.num_images, directory)
@@ -352,32 +356,31 @@ class PatchDatabase:
         spec = DatabaseSpec.from_dict(manifest["spec"])
         if expect is not None:
             spec.check_serves(expect)
-        if IdLayout(**manifest["id_layout"]) != IdLayout.for_spec(spec):
-            raise ValueError(f"{directory}: id layout in the manifest does not match its spec")
         index = indexes.read_index(directory / INDEX_FILE)
         sources = json.loads((directory / SOURCES_FILE).read_text())
-        config = IndexConfig.from_dict(manifest["index"])
-        database = cls(
+        counts = manifest["counts"]
+        if index.ntotal != counts["entries"] or len(sources) != counts["images"]:
+            raise ValueError(
+                f"{directory}: index holds {index.ntotal} entries of {len(sources)} images, the manifest "
+                f"says {counts['entries']} of {counts['images']}; the database is damaged, build it again"
+            )
+        return cls(
             spec,
             index,
             sources,
-            config,
+            IndexConfig.from_dict(manifest["index"]),
             token_shards=manifest.get("token_shards", []),
             preprocessing=manifest.get("preprocessing", {}),
+            next_tokens=np.load(directory / NEXT_TOKENS_FILE, mmap_mode="r"),  # paged in as searches need it
         )
-        counts = manifest["counts"]
-        if len(database) != counts["entries"] or database.num_images != counts["images"]:
-            raise ValueError(
-                f"{directory}: index holds {len(database)} entries of {database.num_images} images, the manifest "
-                f"says {counts['entries']} of {counts['images']}; the database is damaged, build it again"
-            )
-        return database
 
 
 def index_bytes(directory: str | Path) -> int:
-    """Bytes the index of a saved database takes on disk: the index file and its on-disk inverted lists."""
+    """Bytes a saved database's search structures take on disk: the index file, its on-disk inverted lists
+    and the next-token array."""
     directory = Path(directory)
-    return sum(path.stat().st_size for path in [directory / INDEX_FILE, *directory.glob("*.ivfdata")])
+    paths = [directory / INDEX_FILE, directory / NEXT_TOKENS_FILE, *directory.glob("*.ivfdata")]
+    return sum(path.stat().st_size for path in paths)
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -392,7 +395,8 @@ def read_manifest(directory: str | Path) -> dict:
         raise ValueError(f"{path} is not an arrag patch database manifest")
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(
-            f"{path} has manifest version {manifest.get('version')}, this arrag reads version {MANIFEST_VERSION}"
+            f"{path} has manifest version {manifest.get('version')}, this arrag reads version {MANIFEST_VERSION}; "
+            f"build the database again with this arrag (arrag db build)"
         )
     return manifest
 

@@ -3,7 +3,7 @@
 An :class:`IndexConfig` names the index with a description:
 
 - any FAISS factory string — ``Flat``, ``IVF4096,PQ8``, ``OPQ8,IVF4096,PQ8`` (the paper's), ``HNSW32``,
-  ``IVF1024,PQ16x4fs`` ...; indexes without ids of their own are wrapped in an ``IndexIDMap``;
+  ``IVF1024,PQ16x4fs``, ``IDMap,Flat`` ...;
 - ``CodebookPQ``, ``IVF<n>,CodebookPQ`` and ``IVF<n>_HNSW<m>,CodebookPQ``: a product quantizer with one
   sub-quantizer per neighbour cell whose centroids are the L2-normalised codebook (plus the zero vector when
   cells off the grid are zero-padded). A codebook key is a concatenation of such vectors, so its code — the
@@ -11,8 +11,10 @@ An :class:`IndexConfig` names the index with a description:
   ``ceil(neighbours · log2(codebook size) / 8)`` bytes. Nothing is trained but the optional IVF coarse
   quantizer (searched through an HNSW graph with ``_HNSW<m>``, for many lists).
 
-Every index stores entries under the 64-bit ids of :class:`arrag.database.IdLayout`. Shapes: M entries,
-D key length, n neighbour cells per key, V codebook size, d code size.
+An entry's id is its entry number (see :mod:`arrag.database`). Indexes with ids of their own (IVF, ``IDMap``)
+store it; the others — flat codes, HNSW — number entries in the order they are added, so they cost no id
+bytes and must be given entries in entry order. Shapes: M entries, D key length, n neighbour cells per key,
+V codebook size, d code size.
 """
 
 from __future__ import annotations
@@ -142,15 +144,16 @@ def make_index(
         faiss.copy_array_to_vector(tables.ravel(), pq_index.pq.centroids)
         if not nlist:
             pq_index.is_trained = True
-            return faiss.IndexIDMap(index)
         return index
     try:
-        index = faiss.index_factory(key_dim, config.description, faiss.METRIC_L2)
+        return faiss.index_factory(key_dim, config.description, faiss.METRIC_L2)
     except RuntimeError as error:
         raise ValueError(f"FAISS cannot make index {config.description!r}: {str(error).splitlines()[-1]}") from error
-    if faiss.try_extract_index_ivf(index) is None and not config.description.startswith("IDMap"):
-        index = faiss.IndexIDMap(index)
-    return index
+
+
+def stores_ids(index: faiss.Index) -> bool:
+    """Whether ``index`` keeps the ids it is given (IVF, id maps) rather than numbering entries as added."""
+    return faiss.try_extract_index_ivf(index) is not None or isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2))
 
 
 def needs_training(index: faiss.Index) -> bool:
@@ -187,15 +190,21 @@ def pack_codes(cells: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(bit_matrix.reshape(len(cells), -1), axis=1, bitorder="little")
 
 
-def add_entries(index: faiss.Index, config: IndexConfig, keys: np.ndarray, ids: np.ndarray, cells: np.ndarray) -> None:
-    """Add (M, D) keys under (M,) ids; the codebook PQ stores the (M, n) neighbour tokens ``cells`` as its codes."""
+def add_entries(
+    index: faiss.Index, config: IndexConfig, keys: np.ndarray, numbers: np.ndarray, cells: np.ndarray
+) -> None:
+    """Add (M, D) keys under their (M,) entry numbers (kept by :func:`stores_ids` indexes; the others number
+    entries as added); the codebook PQ stores the (M, n) neighbour tokens ``cells`` as its codes."""
     keys = np.ascontiguousarray(keys, dtype=np.float32)
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    ids = np.ascontiguousarray(numbers, dtype=np.int64) if stores_ids(index) else None
     if not config.codebook_pq:
-        index.add_with_ids(keys, ids)
+        if ids is None:
+            index.add(keys)
+        else:
+            index.add_with_ids(keys, ids)
         return
     ivf = faiss.try_extract_index_ivf(index)
-    pq_index = faiss.downcast_index(ivf if ivf is not None else faiss.downcast_index(index).index)
+    pq_index = faiss.downcast_index(ivf if ivf is not None else index)
     if len(cells) and cells.max() >= 1 << pq_index.pq.nbits:
         raise ValueError(f"token {cells.max()} does not fit the {pq_index.pq.nbits}-bit codes of this CodebookPQ")
     codes = pack_codes(cells, pq_index.pq.nbits)  # (M, code_size)
@@ -213,18 +222,24 @@ def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
 
 def shard_template(template: faiss.Index) -> faiss.Index:
     """An empty index to build one shard of a database in: a copy of the trained empty ``template``; for HNSW,
-    whose graphs cannot be merged, an id-mapped flat index whose keys :func:`merge_into` inserts into the graph."""
+    whose graphs cannot be merged, a flat index (id-mapped like the template) whose keys :func:`merge_into`
+    inserts into the graph."""
     if _hnsw(template) is not None:
-        return faiss.IndexIDMap(faiss.IndexFlatL2(template.d))
+        flat = faiss.IndexFlatL2(template.d)
+        return faiss.IndexIDMap(flat) if stores_ids(template) else flat
     return faiss.clone_index(template)
 
 
 def merge_into(base: faiss.Index, part: faiss.Index) -> None:
-    """Move every entry of ``part`` (a :func:`shard_template` of ``base``'s template) into ``base``."""
+    """Move every entry of ``part`` (a :func:`shard_template` of ``base``'s template) after those of ``base``."""
     if _hnsw(base) is not None:
-        if part.ntotal:
+        if not part.ntotal:
+            return
+        if stores_ids(part):
             keys = faiss.downcast_index(part.index).reconstruct_n(0, part.ntotal)  # (M, D)
             base.add_with_ids(keys, faiss.vector_to_array(part.id_map))
+        else:
+            base.add(part.reconstruct_n(0, part.ntotal))
         return
     base.merge_from(part, 0)
 

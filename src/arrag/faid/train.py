@@ -51,13 +51,12 @@ class MemoisedSearch:
         self.answers: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         self.index: faiss.Index | None = None
         if probes is not None:
-            keys = database.index.index.reconstruct_n(0, len(database))  # (N, D) the stored keys
-            ids = faiss.vector_to_array(database.index.id_map)  # (N,) packed (image, position, token)
+            keys = database.index.reconstruct_n(0, len(database))  # (N, D) the stored keys, in entry order
             lists = min(lists, max(1, len(keys) // 39))  # faiss wants >= 39 training points per cell
             ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(keys.shape[1]), keys.shape[1], lists)
             sample = np.random.default_rng(seed).permutation(len(keys))[: 64 * lists]
             ivf.train(keys[sample])
-            ivf.add_with_ids(keys, ids)
+            ivf.add(keys)  # numbered as added: ids are the database's entry numbers
             ivf.nprobe = min(probes, lists)
             self.index = ivf
 
@@ -66,9 +65,9 @@ class MemoisedSearch:
         if self.index is None:
             found = self.database.search(torch.from_numpy(queries), self.k)
             return found.distances, found.tokens, found.valid
-        distances, ids = self.index.search(queries, self.k)  # (Q, K) each
-        tokens = self.database.layout.unpack(ids)[2]
-        return torch.from_numpy(distances), torch.from_numpy(np.where(ids >= 0, tokens, 0)), torch.from_numpy(ids >= 0)
+        distances, numbers = self.index.search(queries, self.k)  # (Q, K) each
+        tokens = self.database.locate(numbers)[2]
+        return torch.from_numpy(distances), torch.from_numpy(tokens), torch.from_numpy(numbers >= 0)
 
     def __call__(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, D) queries -> ((Q, K) next tokens, (Q, K) valid)."""
