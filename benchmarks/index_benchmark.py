@@ -5,6 +5,9 @@ tokens drawn from a Zipf law (p(rank r) ∝ r^-s), keys from the paper's 4-cell 
 entries per image), made by arrag's own make_entries and added through arrag.indexes like a real build.
 Queries are keys of other images drawn the same way.
 
+Bytes per entry: the written index file, plus the 2-byte next-token array for indexes that number entries as
+added (those that store ids carry the next token in them), over the entries.
+
 recall@10 counts the returned entries whose true distance (recomputed from the entry's image and position)
 is within the exact 10th-nearest distance: with codebook keys many entries are exact duplicates, so ties
 are common and any of the tied entries is a correct answer.
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from arrag import indexes
-from arrag.database import DatabaseSpec, make_entries
+from arrag.database import DatabaseSpec, make_entries, token_bits, token_dtype
 from arrag.grid import Grid
 from arrag.indexes import IndexConfig
 
@@ -44,19 +47,23 @@ def zipf_grids(images: int, exponent: float, seed: int) -> np.ndarray:
 
 
 def entries(grids: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(M, 32) keys, (M,) entry numbers, (M, 4) neighbour tokens of every entry of the grids."""
+    """(M, 32) keys, (M,) ids (for indexes that store them), (M, 4) neighbour tokens of every entry."""
     parts = [
         make_entries(SPEC, torch.from_numpy(grids[s : s + CHUNK]), torch.from_numpy(codebook[grids[s : s + CHUNK]]), s)
         for s in range(0, len(grids), CHUNK)
     ]
-    return tuple(np.concatenate([getattr(p, name) for p in parts]) for name in ("keys", "numbers", "cells"))  # type: ignore[return-value]
+    return tuple(np.concatenate([getattr(p, name) for p in parts]) for name in ("keys", "ids", "cells"))  # type: ignore[return-value]
 
 
-def true_distances(queries: np.ndarray, ids: np.ndarray, grids: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """(B, K) squared distance from each query to the key of each returned entry, recomputed from its tokens."""
+def true_distances(
+    queries: np.ndarray, ids: np.ndarray, numbered: bool, grids: np.ndarray, codebook: np.ndarray
+) -> np.ndarray:
+    """(B, K) squared distance from each query to the key of each returned entry, recomputed from its tokens;
+    ``numbered``: the index numbers entries as added (its ids are entry numbers, not stored ids)."""
     eligible = SPEC.neighbourhood.eligible(SPEC.grid)
     valid = ids >= 0
-    image, slot = np.divmod(np.where(valid, ids, 0), len(eligible))
+    numbers = np.where(valid, ids, 0) >> (0 if numbered else token_bits(SPEC.codebook_size))
+    image, slot = np.divmod(numbers, len(eligible))
     table = SPEC.neighbourhood.indices(SPEC.grid)  # (R·C, 4)
     cells = grids[image[..., None], table[eligible[slot]]]  # (B, K, 4)
     keys = codebook[cells].reshape(*ids.shape, -1)  # (B, K, 32)
@@ -137,7 +144,9 @@ def main() -> None:
                 index, config, keys[s : s + (1 << 18)], ids[s : s + (1 << 18)], cells[s : s + (1 << 18)]
             )
         build_s = time.perf_counter() - clock
-        size = index_size(index) / len(keys)
+        numbered = not indexes.stores_ids(index)  # then the next tokens are an array beside the index
+        next_token_bytes = len(keys) * token_dtype(SPEC.codebook_size).itemsize if numbered else 0
+        size = (index_size(index) + next_token_bytes) / len(keys)
         if config.is_ivf:
             settings = [f"nprobe={n}" for n in args.nprobe]
         elif description.startswith("HNSW"):
@@ -147,7 +156,7 @@ def main() -> None:
         for setting in settings:
             indexes.set_search_params(index, setting)
             found_ids = index.search(queries, 10)[1]
-            recall = recall_at_10(true_distances(queries, found_ids, grids, codebook), exact_10th)
+            recall = recall_at_10(true_distances(queries, found_ids, numbered, grids, codebook), exact_10th)
             row = {
                 "index": description,
                 "search": setting or "-",

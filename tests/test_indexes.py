@@ -61,9 +61,12 @@ def queries(count: int = 40, seed: int = 1) -> torch.Tensor:
 
 
 def assert_exact(database: PatchDatabase, k: int = 10) -> None:
-    """Same distances as brute force, and every returned entry's own key is at the returned distance."""
+    """Same distances as brute force; every returned entry's own key is at the returned distance and the
+    returned token is the one at its image and position."""
     keys, numbers = all_entries()
-    image, position, _ = database.locate(numbers)
+    grids = token_grids(60)
+    image, slot = np.divmod(numbers, len(database.positions))
+    position = database.positions[slot]
     key_of = dict(zip(zip(image.tolist(), position.tolist(), strict=True), keys, strict=True))
     q = queries()
     found = database.search(q, k)
@@ -73,6 +76,7 @@ def assert_exact(database: PatchDatabase, k: int = 10) -> None:
         where = zip(found.image_ids[row].tolist(), found.positions[row].tolist(), strict=True)
         own = [((q[row].numpy() - key_of[i]) ** 2).sum() for i in where]
         np.testing.assert_allclose(own, found.distances[row].numpy(), atol=1e-5)
+    assert torch.equal(found.tokens, grids[found.image_ids, found.positions])
 
 
 def test_pack_codes_is_faiss_own_encoding_of_codebook_keys():

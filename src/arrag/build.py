@@ -35,12 +35,12 @@ from arrag.backends import Backend, BackendRef
 from arrag.database import (
     INDEX_FILE,
     MANIFEST_FILE,
-    NEXT_TOKENS_FILE,
     SOURCES_FILE,
     TEMPLATE_FILE,
     DatabaseSpec,
     PatchDatabase,
     index_bytes,
+    load_next_tokens,
     next_tokens,
     read_manifest,
 )
@@ -424,15 +424,16 @@ def _merge(
     """Merge the index shards (after the database's own index, for an add) and save the database."""
     parts = [index_shard_file(directory, record["shard"]) for record in records if record["images"]]
     base_sources: list[str] = []
-    entry_tokens: list[np.ndarray] = []  # next tokens, base then shard by shard: the entry order
+    entry_tokens: list[np.ndarray] = []  # next tokens, base then shard by shard (indexes without ids)
     if plan["kind"] == "add":
         base = directory / BASE_FILE
         if not base.exists():  # the index before this add; a killed merge may already have replaced INDEX_FILE
             write_atomically(base, lambda tmp: shutil.copyfile(directory / INDEX_FILE, tmp))
         parts.insert(0, base)
         base_sources = json.loads((directory / SOURCES_FILE).read_text())[: plan["first_image"]]
-        base_entries = plan["first_image"] * len(spec.neighbourhood.eligible(spec.grid))
-        entry_tokens.append(np.load(directory / NEXT_TOKENS_FILE, mmap_mode="r")[:base_entries])
+        base_tokens = load_next_tokens(directory)
+        if base_tokens is not None:
+            entry_tokens.append(base_tokens[: plan["first_image"] * len(spec.neighbourhood.eligible(spec.grid))])
     if config.on_disk:
         ivfdata = directory / plan["ivfdata"]
         ivfdata.unlink(missing_ok=True)  # left by a merge that was killed
@@ -444,11 +445,14 @@ def _merge(
             indexes.merge_into(index, indexes.read_index(part))
     sources = list(base_sources)
     token_shards = list(plan["base_token_shards"])
+    ids_carry_tokens = indexes.stores_ids(index)
     for record, first in zip(records, firsts, strict=True):
         if record["images"]:
-            shard = read_token_shard(directory / record["file"], spec.cell_dim, ("source", "tokens"))
+            columns = ("source",) if ids_carry_tokens else ("source", "tokens")
+            shard = read_token_shard(directory / record["file"], spec.cell_dim, columns)
             sources += shard.names
-            entry_tokens.append(next_tokens(spec, shard.tokens))
+            if not ids_carry_tokens:
+                entry_tokens.append(next_tokens(spec, shard.tokens))
             token_shards.append({"file": record["file"], "first_image": first, "images": record["images"]})
         else:
             (directory / record["file"]).unlink(missing_ok=True)
@@ -459,7 +463,7 @@ def _merge(
         config,
         token_shards=token_shards,
         preprocessing=plan["preprocessing"],
-        next_tokens=np.concatenate(entry_tokens),
+        next_tokens=np.concatenate(entry_tokens) if entry_tokens else None,
     )
     database.save(directory)
     if not (directory / TEMPLATE_FILE).exists():

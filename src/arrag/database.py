@@ -2,10 +2,14 @@
 
 An entry is made for every eligible position of every database image. Its key is
 :func:`arrag.keys.patch_keys` of the position's causal neighbours. Entries are numbered in order, P per
-image: entry ``image · P + slot`` is eligible position ``slot`` of image ``image``. The number is the entry's
-FAISS id, stored by indexes that keep ids (IVF, ``IDMap``) and implicit in the others (flat codes, HNSW),
-which number entries in the order they are added. So provenance costs no bytes, and the next token is one
-2-byte array beside the index (``next-tokens.npy``, memory-mapped on load), not part of a 64-bit id.
+image: entry ``image · P + slot`` is eligible position ``slot`` of image ``image``, so the number alone says
+where an entry came from. How a search result names its entry and next token depends on the index:
+
+- indexes that store an id per entry (IVF, ``IDMap``) store ``number << token_bits | next token``: the
+  8 bytes they spend anyway carry everything;
+- the others (flat codes such as ``CodebookPQ``, ``Flat``, HNSW) number entries in the order they are added,
+  so their ids cost nothing; the next tokens are an array beside the index (``next-tokens.npy``, 2 bytes an
+  entry, memory-mapped on load).
 
 Shapes: B queries, K neighbours, D key length, M entries.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +35,7 @@ from arrag.keys import KEY_SOURCES, KeySource, key_dim, patch_keys
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 2  # 2: entry numbers as ids and a next-token array (1: packed ids)
+MANIFEST_VERSION = 2  # 2: entry numbers (1: ids packed image, position and token)
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 SOURCES_FILE = "sources.json"
@@ -131,6 +136,15 @@ def token_dtype(codebook_size: int) -> np.dtype:
     return np.dtype(np.uint16 if codebook_size <= 1 << 16 else np.uint32)
 
 
+def token_bits(codebook_size: int) -> int:
+    return max(1, math.ceil(math.log2(codebook_size)))
+
+
+def stored_ids(spec: DatabaseSpec, numbers: np.ndarray, next_tokens: np.ndarray) -> np.ndarray:
+    """The ids indexes that store ids keep: ``entry number << token_bits | next token`` (int64)."""
+    return (np.asarray(numbers, dtype=np.int64) << token_bits(spec.codebook_size)) | next_tokens.astype(np.int64)
+
+
 def next_tokens(spec: DatabaseSpec, tokens: np.ndarray) -> np.ndarray:
     """(N, R·C) token grids -> (N·P,) the token at each of their entries' positions, in entry order."""
     return tokens[:, spec.neighbourhood.eligible(spec.grid)].ravel().astype(token_dtype(spec.codebook_size))
@@ -141,7 +155,8 @@ class Entries:
     """Database entries of some images, ready for an index."""
 
     keys: np.ndarray  # (M, D) float32 patch keys
-    numbers: np.ndarray  # (M,) int64 entry numbers, image · P + slot: the FAISS ids
+    numbers: np.ndarray  # (M,) int64 entry numbers, image · P + slot
+    ids: np.ndarray  # (M,) int64 stored_ids: what indexes that store ids keep (the others number as added)
     next_tokens: np.ndarray  # (M,) token at each entry's position (token_dtype)
     cells: np.ndarray  # (M, n) int64 token of each neighbour cell; codebook_size where the cell is off the grid
 
@@ -173,10 +188,13 @@ def make_entries(spec: DatabaseSpec, tokens: torch.Tensor, cell_vectors: torch.T
     table = spec.neighbourhood.indices(spec.grid)[positions]  # (P, n)
     padded = np.concatenate([grid_tokens, np.full((n, 1), spec.codebook_size)], axis=1)  # (N, R·C + 1)
     cells = padded[:, np.where(table < 0, spec.grid.size, table)]  # (N, P, n)
+    numbers = first_image * len(positions) + np.arange(n * len(positions))  # (N·P,)
+    following = next_tokens(spec, grid_tokens)  # (N·P,)
     return Entries(
         keys=keys.reshape(-1, keys.shape[-1]).cpu().numpy(),
-        numbers=first_image * len(positions) + np.arange(n * len(positions)),
-        next_tokens=next_tokens(spec, grid_tokens),
+        numbers=numbers,
+        ids=stored_ids(spec, numbers, following),
+        next_tokens=following,
         cells=cells.reshape(-1, table.shape[1]).astype(np.int64),
     )
 
@@ -195,7 +213,8 @@ class Neighbours:
 class PatchDatabase:
     """Patch database over a FAISS index (exact ``Flat`` by default; see :mod:`arrag.indexes` for others).
 
-    ``next_tokens`` holds the token at every entry's position, in entry order. ``token_shards`` lists the
+    ``next_tokens`` holds the token at every entry's position, in entry order, for an index that does not
+    store ids (None for one that does: its ids carry the tokens). ``token_shards`` lists the
     Parquet token shards a sharded build wrote (``file``, ``first_image``, ``images``) and ``preprocessing``
     how it prepared images for the tokenizer; a database built in memory records neither.
     """
@@ -223,14 +242,16 @@ class PatchDatabase:
         if self.index.d != spec.key_dim:
             raise ValueError(f"index has dimension {self.index.d}, the spec's keys have {spec.key_dim}")
         self.sources: list[str] = list(sources or [])
-        if next_tokens is None:
+        self.ids_carry_tokens = indexes.stores_ids(self.index)
+        if next_tokens is None and not self.ids_carry_tokens:
             next_tokens = np.zeros(0, dtype=token_dtype(spec.codebook_size))
-        self.next_tokens = next_tokens  # (M,)
+        self.next_tokens: np.ndarray | None = None if self.ids_carry_tokens else next_tokens  # (M,)
         expected = len(self.sources) * len(self.positions)
-        if not self.index.ntotal == len(self.next_tokens) == expected:
+        tokens = self.index.ntotal if self.next_tokens is None else len(self.next_tokens)
+        if not self.index.ntotal == tokens == expected:
             raise ValueError(
-                f"index holds {self.index.ntotal} entries and next_tokens {len(self.next_tokens)}, but "
-                f"{len(self.sources)} images have {expected}; the database is damaged, build it again"
+                f"index holds {self.index.ntotal} entries and next_tokens {tokens}, but {len(self.sources)} "
+                f"images have {expected}; the database is damaged, build it again"
             )
         self.token_shards: list[dict] = list(token_shards or [])
         self.preprocessing: dict = dict(preprocessing or {})
@@ -239,18 +260,19 @@ class PatchDatabase:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def locate(self, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Entry numbers (any shape; -1: no entry) -> (image id, raster position, next token); -1, -1, 0 where
-        there is no entry."""
-        numbers = np.asarray(numbers, dtype=np.int64)
-        valid = numbers >= 0
-        image, slot = np.divmod(np.where(valid, numbers, 0), len(self.positions))
-        token = np.asarray(self.next_tokens[np.where(valid, numbers, 0).ravel()]).reshape(numbers.shape)
-        return (
-            np.where(valid, image, -1),
-            np.where(valid, self.positions[slot], -1),
-            np.where(valid, token.astype(np.int64), 0),
-        )
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ids the index returned (any shape; -1: no entry) -> (image id, raster position, next token);
+        -1, -1, 0 where there is no entry."""
+        ids = np.asarray(ids, dtype=np.int64)
+        valid = ids >= 0
+        safe = np.where(valid, ids, 0)
+        if self.next_tokens is None:
+            bits = token_bits(self.spec.codebook_size)
+            numbers, token = safe >> bits, safe & ((1 << bits) - 1)
+        else:
+            numbers, token = safe, np.asarray(self.next_tokens[safe.ravel()]).reshape(ids.shape).astype(np.int64)
+        image, slot = np.divmod(numbers, len(self.positions))
+        return np.where(valid, image, -1), np.where(valid, self.positions[slot], -1), np.where(valid, token, 0)
 
     @property
     def num_images(self) -> int:
@@ -277,8 +299,9 @@ class PatchDatabase:
         if not self.index.is_trained:
             raise ValueError(f"the {self.index_config.description} index must be trained before adding entries")
         entries = make_entries(self.spec, tokens, cell_vectors, self.num_images)
-        indexes.add_entries(self.index, self.index_config, entries.keys, entries.numbers, entries.cells)
-        self.next_tokens = np.concatenate([self.next_tokens, entries.next_tokens])
+        indexes.add_entries(self.index, self.index_config, entries.keys, entries.ids, entries.cells)
+        if self.next_tokens is not None:
+            self.next_tokens = np.concatenate([self.next_tokens, entries.next_tokens])
         self.sources.extend(sources)
 
     def train(self, keys: np.ndarray, seed: int = 0) -> None:
@@ -301,9 +324,9 @@ class PatchDatabase:
         if queries.ndim != 2 or queries.shape[1] != self.spec.key_dim:
             raise ValueError(f"queries must be (B, {self.spec.key_dim}), got {tuple(queries.shape)}")
         query_array = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        distances, numbers = self.index.search(query_array, k)  # (B, K) each
-        image, position, token = self.locate(numbers)
-        valid = numbers >= 0
+        distances, ids = self.index.search(query_array, k)  # (B, K) each
+        image, position, token = self.locate(ids)
+        valid = ids >= 0
         return Neighbours(
             distances=torch.from_numpy(np.where(valid, distances, np.inf).astype(np.float32)),
             tokens=torch.from_numpy(token),
@@ -317,8 +340,12 @@ class PatchDatabase:
             "format": "arrag-patch-database",
             "version": MANIFEST_VERSION,
             "spec": self.spec.to_dict(),
-            "entry_ids": "image * entries_per_image + slot of the position among the eligible ones",
-            "next_tokens": {"file": NEXT_TOKENS_FILE, "dtype": str(self.next_tokens.dtype)},
+            "entries": {
+                "number": "image * entries_per_image + slot of the position among the eligible ones",
+                "id": "number << token_bits | next token" if self.next_tokens is None else "number",
+                "token_bits": token_bits(self.spec.codebook_size),
+                "next_tokens": None if self.next_tokens is None else NEXT_TOKENS_FILE,
+            },
             "index": {**self.index_config.to_dict(), "metric": "squared-l2", "key_dim": self.spec.key_dim},
             "counts": {
                 "images": self.num_images,
@@ -339,10 +366,13 @@ class PatchDatabase:
         tmp = directory / (INDEX_FILE + ".tmp")
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, directory / INDEX_FILE)
-        tmp = directory / (NEXT_TOKENS_FILE + ".tmp")
-        with open(tmp, "wb") as file:
-            np.save(file, self.next_tokens)
-        os.replace(tmp, directory / NEXT_TOKENS_FILE)
+        if self.next_tokens is None:
+            (directory / NEXT_TOKENS_FILE).unlink(missing_ok=True)
+        else:
+            tmp = directory / (NEXT_TOKENS_FILE + ".tmp")
+            with open(tmp, "wb") as file:
+                np.save(file, self.next_tokens)
+            os.replace(tmp, directory / NEXT_TOKENS_FILE)
         _write_json(directory / SOURCES_FILE, self.sources)
         _write_json(directory / MANIFEST_FILE, self.manifest())
         logger.info("saved %d entries from %d images to %s", len(self), self.num_images, directory)
@@ -371,15 +401,21 @@ class PatchDatabase:
             IndexConfig.from_dict(manifest["index"]),
             token_shards=manifest.get("token_shards", []),
             preprocessing=manifest.get("preprocessing", {}),
-            next_tokens=np.load(directory / NEXT_TOKENS_FILE, mmap_mode="r"),  # paged in as searches need it
+            next_tokens=load_next_tokens(directory),
         )
+
+
+def load_next_tokens(directory: Path) -> np.ndarray | None:
+    """A saved database's next-token array, memory-mapped (paged in as searches need it); None if it has none."""
+    path = directory / NEXT_TOKENS_FILE
+    return np.load(path, mmap_mode="r") if path.exists() else None
 
 
 def index_bytes(directory: str | Path) -> int:
     """Bytes a saved database's search structures take on disk: the index file, its on-disk inverted lists
     and the next-token array."""
     directory = Path(directory)
-    paths = [directory / INDEX_FILE, directory / NEXT_TOKENS_FILE, *directory.glob("*.ivfdata")]
+    paths = [directory / INDEX_FILE, *directory.glob(NEXT_TOKENS_FILE), *directory.glob("*.ivfdata")]
     return sum(path.stat().st_size for path in paths)
 
 

@@ -11,9 +11,9 @@ An :class:`IndexConfig` names the index with a description:
   ``ceil(neighbours · log2(codebook size) / 8)`` bytes. Nothing is trained but the optional IVF coarse
   quantizer (searched through an HNSW graph with ``_HNSW<m>``, for many lists).
 
-An entry's id is its entry number (see :mod:`arrag.database`). Indexes with ids of their own (IVF, ``IDMap``)
-store it; the others — flat codes, HNSW — number entries in the order they are added, so they cost no id
-bytes and must be given entries in entry order. Shapes: M entries, D key length, n neighbour cells per key,
+Indexes with ids of their own (IVF, ``IDMap``) store the ids of :mod:`arrag.database`; the others — flat
+codes, HNSW — number entries in the order they are added, so they spend no bytes on ids and must be given
+entries in entry order. Shapes: M entries, D key length, n neighbour cells per key,
 V codebook size, d code size.
 """
 
@@ -190,13 +190,11 @@ def pack_codes(cells: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(bit_matrix.reshape(len(cells), -1), axis=1, bitorder="little")
 
 
-def add_entries(
-    index: faiss.Index, config: IndexConfig, keys: np.ndarray, numbers: np.ndarray, cells: np.ndarray
-) -> None:
-    """Add (M, D) keys under their (M,) entry numbers (kept by :func:`stores_ids` indexes; the others number
-    entries as added); the codebook PQ stores the (M, n) neighbour tokens ``cells`` as its codes."""
+def add_entries(index: faiss.Index, config: IndexConfig, keys: np.ndarray, ids: np.ndarray, cells: np.ndarray) -> None:
+    """Add (M, D) keys under (M,) ids (kept by :func:`stores_ids` indexes; the others number entries as added);
+    the codebook PQ stores the (M, n) neighbour tokens ``cells`` as its codes."""
     keys = np.ascontiguousarray(keys, dtype=np.float32)
-    ids = np.ascontiguousarray(numbers, dtype=np.int64) if stores_ids(index) else None
+    ids = np.ascontiguousarray(ids, dtype=np.int64) if stores_ids(index) else None
     if not config.codebook_pq:
         if ids is None:
             index.add(keys)

@@ -239,7 +239,7 @@ def index_shard(task: dict, template: faiss.Index, job: IndexJob) -> dict:
     shard = read_token_shard(directory / token_file(task["shard"]), job.spec.cell_dim, ("tokens", "latents"))
     index = indexes.shard_template(template)
     for entries in shard_entries(job, shard, task["first_image"]):
-        indexes.add_entries(index, job.index, entries.keys, entries.numbers, entries.cells)
+        indexes.add_entries(index, job.index, entries.keys, entries.ids, entries.cells)
     path = index_shard_file(directory, task["shard"])
     write_atomically(path, lambda tmp: faiss.write_index(index, str(tmp)))
     return {"shard": task["shard"], "entries": int(index.ntotal), "seconds": round(time.perf_counter() - start, 3)}
