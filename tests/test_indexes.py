@@ -157,3 +157,20 @@ def test_bad_configs_are_refused():
     latent_spec = DatabaseSpec(**{**vars(SPEC), "key_source": "latents"})
     with pytest.raises(ValueError, match="CodebookPQ"):
         PatchDatabase(latent_spec, index_config=IndexConfig("CodebookPQ"), codebook=unit_codebook())
+
+
+@pytest.mark.parametrize("description", ["IDMap,Flat", "IDMap,HNSW8"])
+def test_indexes_that_store_ids_return_the_same_entries_as_those_that_number_them(description):
+    """Stored ids carry the entry number and next token; Flat numbers entries as added and keeps the tokens
+    beside the index. Both must name the same image, position and token for every result."""
+    stored, _ = filled(IndexConfig(description), search_params="efSearch=400" if "HNSW" in description else "")
+    numbered, _ = filled(IndexConfig("Flat"))
+    assert indexes.stores_ids(stored.index) and stored.next_tokens is None
+    assert not indexes.stores_ids(numbered.index) and len(numbered.next_tokens) == len(numbered)
+    q = queries()
+    a, b = stored.search(q, 10), numbered.search(q, 10)
+    if "HNSW" not in description:  # the graph is approximate among these many tied keys
+        np.testing.assert_allclose(a.distances.numpy(), b.distances.numpy(), atol=1e-5)
+    grids = token_grids(60)
+    for found in (a, b):
+        assert torch.equal(found.tokens, grids[found.image_ids, found.positions])

@@ -183,6 +183,9 @@ def make_entries(spec: DatabaseSpec, tokens: torch.Tensor, cell_vectors: torch.T
     if not torch.isfinite(cell_vectors).all():
         raise ValueError("cell_vectors contain NaN or infinite values")
     positions = spec.neighbourhood.eligible(spec.grid)  # (P,)
+    max_entries = 1 << (63 - token_bits(spec.codebook_size))  # stored ids are signed 64-bit
+    if (first_image + n) * len(positions) > max_entries:
+        raise ValueError(f"a database of this spec holds at most {max_entries // len(positions)} images")
     keys = patch_keys(cell_vectors, positions, spec.grid, spec.neighbourhood)  # (N, P, D)
     grid_tokens = tokens.cpu().numpy()  # (N, R·C)
     table = spec.neighbourhood.indices(spec.grid)[positions]  # (P, n)
@@ -242,10 +245,10 @@ class PatchDatabase:
         if self.index.d != spec.key_dim:
             raise ValueError(f"index has dimension {self.index.d}, the spec's keys have {spec.key_dim}")
         self.sources: list[str] = list(sources or [])
-        self.ids_carry_tokens = indexes.stores_ids(self.index)
-        if next_tokens is None and not self.ids_carry_tokens:
+        ids_carry_tokens = indexes.stores_ids(self.index)
+        if next_tokens is None and not ids_carry_tokens:
             next_tokens = np.zeros(0, dtype=token_dtype(spec.codebook_size))
-        self.next_tokens: np.ndarray | None = None if self.ids_carry_tokens else next_tokens  # (M,)
+        self.next_tokens: np.ndarray | None = None if ids_carry_tokens else next_tokens  # (M,)
         expected = len(self.sources) * len(self.positions)
         tokens = self.index.ntotal if self.next_tokens is None else len(self.next_tokens)
         if not self.index.ntotal == tokens == expected:
@@ -340,7 +343,7 @@ class PatchDatabase:
             "format": "arrag-patch-database",
             "version": MANIFEST_VERSION,
             "spec": self.spec.to_dict(),
-            "entries": {
+            "entry_ids": {
                 "number": "image * entries_per_image + slot of the position among the eligible ones",
                 "id": "number << token_bits | next token" if self.next_tokens is None else "number",
                 "token_bits": token_bits(self.spec.codebook_size),
