@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 
 from arrag.backends.builtin import tiny_backend
 from arrag.config import GenerationConfig, RetrievalConfig
-from arrag.database import Neighbours
+from arrag.database import Neighbours, PatchDatabase
 from arrag.decoding.loop import generate
 from arrag.faid.attach import attached, build_adapter
 from arrag.faid.blender import Blender, FaidConfig
 from arrag.faid.files import load_adapter
 from arrag.faid.train import MemoisedSearch, retrievals, train_faid
 from arrag.grid import Grid, Neighbourhood
+from arrag.indexes import IndexConfig
 from arrag.keys import patch_keys
 from arrag.training import TrainConfig
 
@@ -234,6 +235,23 @@ def test_the_training_ivf_probes_what_it_is_told(backend, database):
     torch.testing.assert_close(every.nearest(queries)[0], exact, rtol=1e-5, atol=1e-5)
     one = MemoisedSearch(database, 5, probes=1, lists=8)
     assert (one.nearest(queries)[0] > exact + 1e-4).any()
+
+
+def test_a_database_that_stores_ids_is_searched_as_it_is_during_training(backend, database):
+    """An IVF database cannot hand its keys to an IVF copy; training searches it directly, tokens included."""
+    keys = database.index.reconstruct_n(0, len(database))  # (N, D)
+    ivf = PatchDatabase(database.spec, index_config=IndexConfig("IVF4,Flat", search_params="nprobe=4"))
+    ivf.train(keys)
+    grids = torch.randint(0, backend.codebook_size, (6, backend.grid.size), generator=torch.Generator().manual_seed(5))
+    ivf.add(grids, backend.code_vectors(grids), [f"g{i}" for i in range(6)])
+    search = MemoisedSearch(ivf, 5, probes=16)
+    assert search.index is None
+    queries = keys[:50]
+    distances, tokens, valid = search.nearest(queries)
+    assert torch.equal(distances, ivf.search(torch.from_numpy(queries), 5).distances)
+    direct = ivf.search(torch.from_numpy(queries), 5)
+    assert torch.equal(tokens, direct.tokens) and valid.all()
+    assert torch.equal(direct.tokens, grids[direct.image_ids, direct.positions])
 
 
 def test_tiny_janus_with_faid_and_lora_trains_then_generates(tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from arrag import indexes
 from arrag.backends.base import Backend
 from arrag.database import PatchDatabase
 from arrag.faid.attach import FaidHooks, attached, build_adapter
@@ -43,14 +44,17 @@ class MemoisedSearch:
     are remembered per query. Exact flat search costs ~10 ms per query on one core for the world's 420k entries,
     which would dominate training; ``probes`` builds ``IndexIVFFlat`` over the database's keys (``lists`` k-means
     cells, ``nprobe = probes``, set on the IVF index itself so that it takes effect), 40× faster at a measured
-    recall@10 of 0.997 with 16 of 1,024 cells. ``probes=None`` searches the database exactly.
+    recall@10 of 0.997 with 16 of 1,024 cells. ``probes=None`` searches the database exactly; a database whose
+    index stores ids (IVF, ``IDMap``) is searched as it is, with its own search parameters.
     """
 
     def __init__(self, database: PatchDatabase, k: int, probes: int | None = 16, lists: int = 1024, seed: int = 0):
         self.database, self.k = database, k
         self.answers: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         self.index: faiss.Index | None = None
-        if probes is not None:
+        if probes is not None and indexes.stores_ids(database.index):
+            logger.info("searching the database's own %s index during training", database.index_config.description)
+        elif probes is not None:
             keys = database.index.reconstruct_n(0, len(database))  # (N, D) the stored keys, in entry order
             lists = min(lists, max(1, len(keys) // 39))  # faiss wants >= 39 training points per cell
             ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(keys.shape[1]), keys.shape[1], lists)
