@@ -168,7 +168,8 @@ def _db_info(args: argparse.Namespace) -> int:
     print(json.dumps(manifest, indent=2))
     entries = manifest["counts"]["entries"]
     size = index_bytes(args.directory)
-    print(f"entries: {entries}  index size: {size} bytes  bytes per entry: {size / max(entries, 1):.1f}")
+    per_entry = size / max(entries, 1)
+    print(f"entries: {entries}  index + next tokens: {size} bytes  bytes per entry: {per_entry:.1f}")
     if shards:
         token_bytes = sum((args.directory / shard["file"]).stat().st_size for shard in shards)
         print(f"token shards: {len(shards)} ({token_bytes} bytes)")
