@@ -96,8 +96,9 @@ def test_a_folder_with_bad_files_builds_with_a_correct_report(backend, folder, t
     assert report.bytes_per_entry > 0
 
 
-def test_kill_and_resume_gives_the_entries_of_an_uninterrupted_build(backend, folder, tmp_path):
-    config = BuildConfig(sources=SourceConfig(shard_size=3), batch_size=2, index=IndexConfig("IVF4,CodebookPQ"))
+@pytest.mark.parametrize("description", ["IVF4,CodebookPQ", "CodebookPQ"])  # stored ids; entries numbered as added
+def test_kill_and_resume_gives_the_entries_of_an_uninterrupted_build(backend, folder, tmp_path, description):
+    config = BuildConfig(sources=SourceConfig(shard_size=3), batch_size=2, index=IndexConfig(description))
     build_database(backend, [folder], tmp_path / "whole", config)
     for stage, after in (("tokenize", 2), ("index", 3)):
         out = tmp_path / f"killed-in-{stage}"
@@ -141,6 +142,12 @@ def test_resume_refuses_other_inputs_or_settings(backend, folder, tmp_path):
     other = BuildConfig(sources=SMALL.sources, index=IndexConfig("CodebookPQ"))
     with pytest.raises(ValueError, match="index"):
         build_database(backend, [folder], tmp_path / "db", other, resume=True)
+    plan_path = tmp_path / "db" / STATE_DIR / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan_path.write_text(json.dumps({**plan, "version": 1}))  # a build an older arrag began
+    with pytest.raises(ValueError, match="database format"):
+        build_database(backend, [folder], tmp_path / "db", SMALL, resume=True)
+    plan_path.write_text(json.dumps(plan))
     build_database(backend, [folder], tmp_path / "db", SMALL, overwrite=True)
     with pytest.raises(FileNotFoundError, match="no interrupted build"):
         build_database(backend, [folder], tmp_path / "db", SMALL, resume=True)

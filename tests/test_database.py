@@ -7,8 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from arrag.backends.builtin import tiny_backend
-from arrag.database import NEXT_TOKENS_FILE, DatabaseMismatchError, DatabaseSpec, PatchDatabase, make_entries
+from arrag.database import (
+    NEXT_TOKENS_FILE,
+    DatabaseMismatchError,
+    DatabaseSpec,
+    PatchDatabase,
+    make_entries,
+    stored_ids,
+)
 from arrag.grid import Grid
+from arrag.indexes import IndexConfig
 
 SPEC = DatabaseSpec(backend="synthetic", grid=Grid(6, 7), codebook_size=100, codebook_fingerprint="x", cell_dim=4)
 
@@ -70,10 +78,26 @@ def test_entry_numbers_locate_image_position_and_next_token():
     assert [part.tolist() for part in database.locate(np.array([[-1]]))] == [[[-1]], [[-1]], [[0]]]
 
 
-@given(st.integers(0, 2**40))
-def test_entry_numbers_of_any_database_size_locate_their_image(image):
-    numbers = make_entries(SPEC, torch.zeros(1, SPEC.grid.size, dtype=torch.long), torch.ones(1, 42, 4), image).numbers
-    assert (numbers // 25 == image).all() and numbers.tolist() == list(range(image * 25, image * 25 + 25))
+@given(st.integers(0, (1 << (63 - 7)) // 25 - 1), st.integers(0, 24), st.integers(0, 99))
+def test_stored_ids_of_any_database_size_locate_image_position_and_token(image, slot, token):
+    """Ids of indexes that store them (here up to the largest database of 100 codes) decode to what they hold."""
+    database = PatchDatabase(SPEC, index_config=IndexConfig("IDMap,Flat"))
+    ids = stored_ids(SPEC, np.array([image * 25 + slot]), np.array([token]))
+    assert ids[0] >= 0
+    assert [int(part[0]) for part in database.locate(ids)] == [image, int(database.positions[slot]), token]
+
+
+def test_the_largest_database_is_refused_past_its_last_image():
+    last = (1 << (63 - 7)) // 25 - 1  # 100 codes: 7 token bits; 25 entries per image
+    make_entries(SPEC, torch.zeros(1, SPEC.grid.size, dtype=torch.long), torch.ones(1, 42, 4), last)
+    with pytest.raises(ValueError, match="at most"):
+        make_entries(SPEC, torch.zeros(1, SPEC.grid.size, dtype=torch.long), torch.ones(1, 42, 4), last + 1)
+
+
+@pytest.mark.parametrize("description", ["Flat", "IDMap,Flat"])
+def test_an_empty_database_finds_nothing(description):
+    found = PatchDatabase(SPEC, index_config=IndexConfig(description)).search(torch.zeros(2, SPEC.key_dim), k=3)
+    assert not found.valid.any() and (found.image_ids == -1).all() and (found.tokens == 0).all()
 
 
 def test_save_load_round_trip_gives_identical_results(tmp_path):

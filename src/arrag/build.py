@@ -35,6 +35,8 @@ from arrag.backends import Backend, BackendRef
 from arrag.database import (
     INDEX_FILE,
     MANIFEST_FILE,
+    MANIFEST_VERSION,
+    NEXT_TOKENS_FILE,
     SOURCES_FILE,
     TEMPLATE_FILE,
     DatabaseSpec,
@@ -177,6 +179,7 @@ def build_database(
             clear_database(out)
         plan = {
             "kind": "build",
+            "version": MANIFEST_VERSION,
             "inputs": inputs,
             "spec": spec.to_dict(),
             "index": config.index.to_dict(),
@@ -238,6 +241,7 @@ def add_to_database(
         raise ValueError(f"no image files found in {', '.join(inputs)}")
     plan = {
         "kind": "add",
+        "version": MANIFEST_VERSION,
         "inputs": inputs,
         "spec": spec.to_dict(),
         "index": config.index.to_dict(),
@@ -256,7 +260,7 @@ def add_to_database(
 
 def clear_database(directory: Path) -> None:
     """Remove a database's files (the manifest first, so a half-removed database never loads)."""
-    for name in (MANIFEST_FILE, INDEX_FILE, BASE_FILE, SOURCES_FILE, TEMPLATE_FILE, REPORT_FILE):
+    for name in (MANIFEST_FILE, INDEX_FILE, NEXT_TOKENS_FILE, BASE_FILE, SOURCES_FILE, TEMPLATE_FILE, REPORT_FILE):
         (directory / name).unlink(missing_ok=True)
     for path in directory.glob("*.ivfdata"):
         path.unlink()
@@ -273,6 +277,7 @@ def _check_resumable(plan: dict, kind: str, inputs: list[str], spec: DatabaseSpe
     differences = [
         name
         for name, planned, now in (
+            ("arrag database format", plan.get("version"), MANIFEST_VERSION),  # a build from an older arrag
             ("operation", plan["kind"], kind),
             ("inputs", plan["inputs"], inputs),
             ("tokenizer, grid or neighbourhood", plan["spec"], spec.to_dict()),

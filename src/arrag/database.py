@@ -273,7 +273,8 @@ class PatchDatabase:
             bits = token_bits(self.spec.codebook_size)
             numbers, token = safe >> bits, safe & ((1 << bits) - 1)
         else:
-            numbers, token = safe, np.asarray(self.next_tokens[safe.ravel()]).reshape(ids.shape).astype(np.int64)
+            numbers, token = safe, np.zeros(ids.shape, dtype=np.int64)
+            token[valid] = self.next_tokens[ids[valid]]
         image, slot = np.divmod(numbers, len(self.positions))
         return np.where(valid, image, -1), np.where(valid, self.positions[slot], -1), np.where(valid, token, 0)
 

@@ -153,7 +153,13 @@ def make_index(
 
 def stores_ids(index: faiss.Index) -> bool:
     """Whether ``index`` keeps the ids it is given (IVF, id maps) rather than numbering entries as added."""
-    return faiss.try_extract_index_ivf(index) is not None or isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2))
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return True
+    # an IVF under a refinement stage still numbers entries as added: IndexRefine takes no ids
+    return (
+        not isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+        and faiss.try_extract_index_ivf(index) is not None
+    )
 
 
 def needs_training(index: faiss.Index) -> bool:

@@ -64,6 +64,13 @@ class MemoisedSearch:
             ivf.nprobe = min(probes, lists)
             self.index = ivf
 
+    def describe(self) -> str:
+        """How queries are answered, for the adapter's description."""
+        if self.index is not None:
+            return f"IVF{self.index.nlist},Flat nprobe={self.index.nprobe}"
+        config = self.database.index_config
+        return f"the database's {config.description} {config.search_params}".rstrip()
+
     def nearest(self, queries: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Q, D) queries -> (Q, K) distances, next tokens and valid, from the IVF copy or the database."""
         if self.index is None:
@@ -184,9 +191,7 @@ def train_faid(
             "caption_dropout": caption_dropout,
             "database_entries": len(database),
             "training_images": len(captions),
-            "training_search": f"IVF{search.index.nlist},Flat nprobe={search.index.nprobe}"
-            if search.index
-            else "exact",
+            "training_search": search.describe(),
             "trainable_parameters": adapter.trainable_parameters(),
             **(description or {}),
         }
