@@ -131,6 +131,13 @@ def test_kill_and_resume_gives_the_entries_of_an_uninterrupted_build(backend, fo
         same_database(PatchDatabase.load(out), PatchDatabase.load(tmp_path / "whole"))
 
 
+def test_fast_scan_indexes_are_refused_before_anything_is_built():
+    """FAISS 1.15 corrupts the heap when a sharded build adds to fast-scan lists read from a file (valgrind:
+    an invalid write in BlockInvertedLists::add_entries into memory allocated by BlockInvertedListsIOHook)."""
+    with pytest.raises(ValueError, match="fast-scan"):
+        BuildConfig(index=IndexConfig("IVF64,PQ8x4fs"))
+
+
 def test_resume_refuses_other_inputs_or_settings(backend, folder, tmp_path):
     def die(name, record):
         raise KeyboardInterrupt

@@ -3,7 +3,8 @@
 An :class:`IndexConfig` names the index with a description:
 
 - any FAISS factory string — ``Flat``, ``IVF4096,PQ8``, ``OPQ8,IVF4096,PQ8`` (the paper's), ``HNSW32``,
-  ``IVF1024,PQ16x4fs``, ``IDMap,Flat`` ...;
+  ``IVF1024,PQ16``, ``IDMap,Flat`` ... (fast-scan ``…x4fs`` indexes only in memory: see
+  :class:`arrag.build.BuildConfig`);
 - ``CodebookPQ``, ``IVF<n>,CodebookPQ`` and ``IVF<n>_HNSW<m>,CodebookPQ``: a product quantizer with one
   sub-quantizer per neighbour cell whose centroids are the L2-normalised codebook (plus the zero vector when
   cells off the grid are zero-padded). A codebook key is a concatenation of such vectors, so its code — the
