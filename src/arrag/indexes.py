@@ -220,6 +220,13 @@ def add_entries(index: faiss.Index, config: IndexConfig, keys: np.ndarray, ids: 
     index.add_sa_codes(codes, ids)
 
 
+def has_fast_scan_lists(index: faiss.Index) -> bool:
+    """Whether ``index`` keeps fast-scan (block) inverted lists, which FAISS 1.15 corrupts the heap adding to
+    once they have been read from a file."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.BlockInvertedLists)
+
+
 def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     return inner if isinstance(inner, faiss.IndexHNSW) else None
