@@ -131,11 +131,9 @@ def test_kill_and_resume_gives_the_entries_of_an_uninterrupted_build(backend, fo
         same_database(PatchDatabase.load(out), PatchDatabase.load(tmp_path / "whole"))
 
 
-def test_fast_scan_indexes_are_refused_before_anything_is_built():
-    """FAISS 1.15 corrupts the heap when a sharded build adds to fast-scan lists read from a file (valgrind:
-    an invalid write in BlockInvertedLists::add_entries into memory allocated by BlockInvertedListsIOHook)."""
-    with pytest.raises(ValueError, match="fast-scan"):
-        BuildConfig(index=IndexConfig("IVF64,PQ8x4fs"))
+def test_fast_scan_lists_are_refused_on_disk():
+    with pytest.raises(ValueError, match="on disk"):
+        BuildConfig(index=IndexConfig("IVF64,PQ8x4fs", on_disk=True))
 
 
 def test_resume_refuses_other_inputs_or_settings(backend, folder, tmp_path):
@@ -160,7 +158,12 @@ def test_resume_refuses_other_inputs_or_settings(backend, folder, tmp_path):
         build_database(backend, [folder], tmp_path / "db", SMALL, resume=True)
 
 
-@pytest.mark.parametrize(("description", "on_disk"), [("Flat", False), ("IVF4,CodebookPQ", True), ("HNSW16", False)])
+@pytest.mark.parametrize(
+    ("description", "on_disk"),
+    # IVF4,PQ8x4fs: FAISS's own merge of fast-scan lists corrupts the heap with these shard sizes (aborts under
+    # MALLOC_CHECK_=3), so its shards keep keys
+    [("Flat", False), ("IVF4,CodebookPQ", True), ("HNSW16", False), ("IVF4,PQ8x4fs", False)],
+)
 def test_db_add_gives_the_database_of_one_build(backend, folder, tmp_path, description, on_disk):
     exhaustive = "nprobe=4" if "IVF" in description else ""  # every list: exact, whatever the coarse quantizer
     index = IndexConfig(description, on_disk, exhaustive, train_size=2000)
@@ -176,6 +179,9 @@ def test_db_add_gives_the_database_of_one_build(backend, folder, tmp_path, descr
     a, b = PatchDatabase.load(grown), PatchDatabase.load(whole)
     if description.startswith("HNSW"):  # another insertion order makes another graph: compare contents only
         same_entries(a, b)
+    elif description.endswith("fs"):  # a 4-bit PQ trained on part0 alone: same entries, other approximations
+        same_entries(a, b)
+        assert a.search(torch.zeros(3, a.spec.key_dim), 7).valid.all()
     else:
         same_entries_and_distances(a, b)
 

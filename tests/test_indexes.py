@@ -174,17 +174,3 @@ def test_indexes_that_store_ids_return_the_same_entries_as_those_that_number_the
     grids = token_grids(60)
     for found in (a, b):
         assert torch.equal(found.tokens, grids[found.image_ids, found.positions])
-
-
-def test_a_fast_scan_database_is_searched_in_memory_and_after_loading_but_not_added_to(tmp_path):
-    """FAISS 1.15 corrupts the heap when adding to fast-scan lists read from a file: refused, not crashed."""
-    database, _ = filled(IndexConfig("IVF8,PQ8x4fs"), search_params="nprobe=8")
-    assert indexes.has_fast_scan_lists(database.index)
-    database.save(tmp_path / "db")
-    loaded = PatchDatabase.load(tmp_path / "db")
-    q = queries()
-    assert torch.equal(loaded.search(q, 5).image_ids, database.search(q, 5).image_ids)
-    tokens = token_grids(2, seed=9)
-    with pytest.raises(ValueError, match="fast-scan"):
-        loaded.add(tokens, torch.from_numpy(unit_codebook()[tokens]), ["a", "b"])
-    assert len(loaded) == len(database)

@@ -110,12 +110,8 @@ class BuildConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.index.codebook_pq and self.key_source != "codebook":
             raise ValueError("a CodebookPQ index holds codebook keys; use --key-source codebook or another index")
-        if "x4fs" in self.index.description:
-            raise ValueError(
-                f"{self.index.description}: FAISS 1.15 corrupts memory when entries are added to fast-scan (4-bit "
-                "SIMD) indexes read back from a file, which a sharded build does; use IVF<n>,CodebookPQ (exact) or "
-                "IVF<n>,PQ<m> instead"
-            )
+        if "x4fs" in self.index.description and self.index.on_disk:
+            raise ValueError(f"{self.index.description}: fast-scan lists cannot be kept on disk; drop --on-disk")
 
 
 @dataclass

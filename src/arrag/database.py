@@ -256,7 +256,6 @@ class PatchDatabase:
                 f"index holds {self.index.ntotal} entries and next_tokens {tokens}, but {len(self.sources)} "
                 f"images have {expected}; the database is damaged, build it again"
             )
-        self.loaded = False  # set by load(): the index was read from a file
         self.token_shards: list[dict] = list(token_shards or [])
         self.preprocessing: dict = dict(preprocessing or {})
         indexes.set_search_params(self.index, self.index_config.search_params)
@@ -303,11 +302,6 @@ class PatchDatabase:
             )
         if not self.index.is_trained:
             raise ValueError(f"the {self.index_config.description} index must be trained before adding entries")
-        if self.loaded and indexes.has_fast_scan_lists(self.index):
-            raise ValueError(
-                f"FAISS 1.15 corrupts memory adding to a fast-scan index ({self.index_config.description}) read from "
-                "a file; build the database again with all the images"
-            )
         entries = make_entries(self.spec, tokens, cell_vectors, self.num_images)
         indexes.add_entries(self.index, self.index_config, entries.keys, entries.ids, entries.cells)
         if self.next_tokens is not None:
@@ -404,7 +398,7 @@ class PatchDatabase:
                 f"{directory}: index holds {index.ntotal} entries of {len(sources)} images, the manifest "
                 f"says {counts['entries']} of {counts['images']}; the database is damaged, build it again"
             )
-        database = cls(
+        return cls(
             spec,
             index,
             sources,
@@ -413,8 +407,6 @@ class PatchDatabase:
             preprocessing=manifest.get("preprocessing", {}),
             next_tokens=load_next_tokens(directory),
         )
-        database.loaded = True
-        return database
 
 
 def load_next_tokens(directory: Path) -> np.ndarray | None:

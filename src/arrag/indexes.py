@@ -3,8 +3,7 @@
 An :class:`IndexConfig` names the index with a description:
 
 - any FAISS factory string — ``Flat``, ``IVF4096,PQ8``, ``OPQ8,IVF4096,PQ8`` (the paper's), ``HNSW32``,
-  ``IVF1024,PQ16``, ``IDMap,Flat`` ... (fast-scan ``…x4fs`` indexes only in memory: see
-  :class:`arrag.build.BuildConfig`);
+  ``IVF1024,PQ16x4fs``, ``IDMap,Flat`` ...;
 - ``CodebookPQ``, ``IVF<n>,CodebookPQ`` and ``IVF<n>_HNSW<m>,CodebookPQ``: a product quantizer with one
   sub-quantizer per neighbour cell whose centroids are the L2-normalised codebook (plus the zero vector when
   cells off the grid are zero-padded). A codebook key is a concatenation of such vectors, so its code — the
@@ -220,23 +219,27 @@ def add_entries(index: faiss.Index, config: IndexConfig, keys: np.ndarray, ids: 
     index.add_sa_codes(codes, ids)
 
 
-def has_fast_scan_lists(index: faiss.Index) -> bool:
-    """Whether ``index`` keeps fast-scan (block) inverted lists, which FAISS 1.15 corrupts the heap adding to
-    once they have been read from a file."""
-    ivf = faiss.try_extract_index_ivf(index)
-    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.BlockInvertedLists)
-
-
 def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
+def _fast_scan(index: faiss.Index) -> bool:
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.BlockInvertedLists)
+
+
+def _merges_by_keys(index: faiss.Index) -> bool:
+    """HNSW graphs cannot be merged, and FAISS 1.15's merge of fast-scan (block) inverted lists corrupts the
+    heap for some list sizes (found with MALLOC_CHECK_=3, then valgrind): their shards keep the keys instead."""
+    return _hnsw(index) is not None or _fast_scan(index)
+
+
 def shard_template(template: faiss.Index) -> faiss.Index:
-    """An empty index to build one shard of a database in: a copy of the trained empty ``template``; for HNSW,
-    whose graphs cannot be merged, a flat index (id-mapped like the template) whose keys :func:`merge_into`
-    inserts into the graph."""
-    if _hnsw(template) is not None:
+    """An empty index to build one shard of a database in: a copy of the trained empty ``template``; for indexes
+    that cannot merge shards (HNSW, fast-scan IVF), a flat index (id-mapped like the template) whose keys
+    :func:`merge_into` adds to the database's index."""
+    if _merges_by_keys(template):
         flat = faiss.IndexFlatL2(template.d)
         return faiss.IndexIDMap(flat) if stores_ids(template) else flat
     return faiss.clone_index(template)
@@ -244,7 +247,7 @@ def shard_template(template: faiss.Index) -> faiss.Index:
 
 def merge_into(base: faiss.Index, part: faiss.Index) -> None:
     """Move every entry of ``part`` (a :func:`shard_template` of ``base``'s template) after those of ``base``."""
-    if _hnsw(base) is not None:
+    if _merges_by_keys(base):
         if not part.ntotal:
             return
         if stores_ids(part):
