@@ -104,6 +104,7 @@ def main() -> None:
     )
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--k-factor", type=int, nargs="+", default=[10], help="shortlist size / k, for Refine(...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
@@ -147,7 +148,9 @@ def main() -> None:
         numbered = not indexes.stores_ids(index)  # then the next tokens are an array beside the index
         next_token_bytes = len(keys) * token_dtype(SPEC.codebook_size).itemsize if numbered else 0
         size = (index_size(index) + next_token_bytes) / len(keys)
-        if config.is_ivf:
+        if config.codebook_refine:
+            settings = [f"nprobe={n},k_factor_rf={k}" for n in args.nprobe for k in args.k_factor]
+        elif config.is_ivf:
             settings = [f"nprobe={n}" for n in args.nprobe]
         elif description.startswith("HNSW"):
             settings = [f"efSearch={e}" for e in args.ef_search]

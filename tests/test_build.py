@@ -162,10 +162,17 @@ def test_resume_refuses_other_inputs_or_settings(backend, folder, tmp_path):
     ("description", "on_disk"),
     # IVF4,PQ8x4fs: FAISS's own merge of fast-scan lists corrupts the heap with these shard sizes (aborts under
     # MALLOC_CHECK_=3), so its shards keep keys
-    [("Flat", False), ("IVF4,CodebookPQ", True), ("HNSW16", False), ("IVF4,PQ8x4fs", False)],
+    [
+        ("Flat", False),
+        ("IVF4,CodebookPQ", True),
+        ("HNSW16", False),
+        ("IVF4,PQ8x4fs", False),
+        ("IVF4,PQ8x4fs,Refine(CodebookPQ)", False),
+    ],
 )
 def test_db_add_gives_the_database_of_one_build(backend, folder, tmp_path, description, on_disk):
     exhaustive = "nprobe=4" if "IVF" in description else ""  # every list: exact, whatever the coarse quantizer
+    exhaustive += ",k_factor_rf=1000" if "Refine" in description else ""  # and every entry re-ranked
     index = IndexConfig(description, on_disk, exhaustive, train_size=2000)
     config = BuildConfig(sources=SourceConfig(shard_size=4), index=index)
     whole = tmp_path / "whole"

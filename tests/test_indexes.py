@@ -140,6 +140,10 @@ def test_bad_configs_are_refused():
         IndexConfig("Flat", on_disk=True)
     with pytest.raises(ValueError, match="name=number"):
         IndexConfig("IVF8,Flat", search_params="nprobe")
+    with pytest.raises(ValueError, match="1000"):  # a saved index with it could not be read back
+        IndexConfig("IVF8,PQ8x4fs,Refine(CodebookPQ)", search_params="k_factor_rf=5000")
+    with pytest.raises(ValueError, match="on-disk"):
+        IndexConfig("IVF8,PQ8x4fs,Refine(CodebookPQ)", on_disk=True)
     with pytest.raises(ValueError, match="cannot make"):
         indexes.make_index(IndexConfig("NotAnIndex"), 16, 4)
     with pytest.raises(ValueError, match="codebook"):
@@ -174,3 +178,21 @@ def test_indexes_that_store_ids_return_the_same_entries_as_those_that_number_the
     grids = token_grids(60)
     for found in (a, b):
         assert torch.equal(found.tokens, grids[found.image_ids, found.positions])
+
+
+def test_a_fast_scan_shortlist_refined_by_the_codebook_pq_ranks_by_exact_distances():
+    """Every list probed and a shortlist of all entries: the refined index is exact. With a short shortlist
+    the lossy 4-bit scan misses some nearest entries, but what it returns is still ranked by exact distance."""
+    description = "IVF8,PQ8x4fs,Refine(CodebookPQ)"
+    database, _ = filled(IndexConfig(description), search_params="nprobe=8,k_factor_rf=1000")
+    refine = faiss.downcast_index(faiss.downcast_index(database.index).refine_index)
+    assert refine.pq.code_size == 3 and database.next_tokens is not None
+    assert_exact(database)
+    database.set_search_params("nprobe=8,k_factor_rf=1")
+    keys, _ = all_entries()
+    q = queries()
+    found = database.search(q, 10)
+    own = ((q.numpy()[:, None, :] - keys[None]) ** 2).sum(-1)  # (B, N)
+    exact = np.sort(own, axis=1)[:, :10]
+    assert (found.distances.numpy() >= exact - 1e-5).all() and (found.distances.numpy() > exact + 1e-5).any()
+    assert (np.diff(found.distances.numpy(), axis=1) >= 0).all()

@@ -108,7 +108,7 @@ class BuildConfig:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.index.codebook_pq and self.key_source != "codebook":
+        if self.index.codebook_codes and self.key_source != "codebook":
             raise ValueError("a CodebookPQ index holds codebook keys; use --key-source codebook or another index")
         if "x4fs" in self.index.description and self.index.on_disk:
             raise ValueError(f"{self.index.description}: fast-scan lists cannot be kept on disk; drop --on-disk")

@@ -453,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--index",
         default="Flat",
-        help="Flat, CodebookPQ, IVF<n>,CodebookPQ (exact distances, compressed), or a FAISS factory string "
-        "such as OPQ8,IVF4096,PQ8 or HNSW32",
+        help="Flat, CodebookPQ, IVF<n>,CodebookPQ (exact distances, compressed), IVF<n>,PQ<m>x4fs,Refine(CodebookPQ) "
+        "(fast-scan shortlist, exact re-ranking), or a FAISS factory string such as OPQ8,IVF4096,PQ8 or HNSW32",
     )
     build.add_argument("--on-disk", action="store_true", help="IVF indexes: inverted lists in a memory-mapped file")
     build.add_argument("--search-params", default="", help="FAISS search parameters, e.g. nprobe=32 or efSearch=128")

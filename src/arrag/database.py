@@ -237,7 +237,7 @@ class PatchDatabase:
         codebook PQ's centroids)."""
         self.spec = spec
         self.index_config = index_config or IndexConfig()
-        if self.index_config.codebook_pq and spec.key_source != "codebook":
+        if self.index_config.codebook_codes and spec.key_source != "codebook":
             raise ValueError("a CodebookPQ index stores codebook keys; this database's keys are encoder latents")
         if index is None:
             index = spec.empty_index(self.index_config, codebook)

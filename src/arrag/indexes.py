@@ -4,6 +4,9 @@ An :class:`IndexConfig` names the index with a description:
 
 - any FAISS factory string — ``Flat``, ``IVF4096,PQ8``, ``OPQ8,IVF4096,PQ8`` (the paper's), ``HNSW32``,
   ``IVF1024,PQ16x4fs``, ``IDMap,Flat`` ...;
+- ``<any index>,Refine(CodebookPQ)``, e.g. ``IVF4096,PQ32x4fs,Refine(CodebookPQ)``: the first index (fast,
+  lossy: SIMD-scanned 4-bit PQ) makes a shortlist of ``k_factor_rf`` × k entries that the codebook PQ's
+  exact distances re-rank, so the results are ordered by exact distances at fast-scan speed;
 - ``CodebookPQ``, ``IVF<n>,CodebookPQ`` and ``IVF<n>_HNSW<m>,CodebookPQ``: a product quantizer with one
   sub-quantizer per neighbour cell whose centroids are the L2-normalised codebook (plus the zero vector when
   cells off the grid are zero-padded). A codebook key is a concatenation of such vectors, so its code — the
@@ -31,6 +34,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _CODEBOOK_PQ = re.compile(r"(?:IVF(\d+)(_HNSW\d+)?,)?CodebookPQ")
+_CODEBOOK_REFINE = re.compile(r"(.+),Refine\(CodebookPQ\)")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,8 @@ class IndexConfig:
     """Which FAISS index a database uses and how it is trained and searched.
 
     Attributes:
-        description: a FAISS factory string, ``CodebookPQ`` or ``IVF<n>,CodebookPQ``.
+        description: a FAISS factory string, ``CodebookPQ``, ``IVF<n>,CodebookPQ`` or
+            ``<factory string>,Refine(CodebookPQ)``.
         on_disk: keep the inverted lists in a memory-mapped ``.ivfdata`` file beside the index (IVF only),
             for databases larger than RAM.
         search_params: FAISS ``ParameterSpace`` settings applied whenever the index is opened, e.g.
@@ -56,8 +61,8 @@ class IndexConfig:
             raise ValueError("an index description is needed, e.g. Flat, IVF1024,CodebookPQ or OPQ8,IVF4096,PQ8")
         if self.train_size < 1:
             raise ValueError(f"train_size must be >= 1, got {self.train_size}")
-        if self.on_disk and not self.is_ivf:
-            raise ValueError(f"on-disk inverted lists need an IVF index, not {self.description!r}")
+        if self.on_disk and (not self.is_ivf or self.codebook_refine):
+            raise ValueError(f"on-disk inverted lists need an IVF index without refinement, not {self.description!r}")
         for setting in filter(None, self.search_params.split(",")):
             name, _, value = setting.partition("=")
             try:
@@ -66,10 +71,21 @@ class IndexConfig:
                 raise ValueError(f"search_params are name=number pairs like nprobe=32, got {setting!r}") from None
             if not name:
                 raise ValueError(f"search_params are name=number pairs like nprobe=32, got {setting!r}")
+            if name == "k_factor_rf" and not 1 <= float(value) <= 1000:  # FAISS cannot read the index back otherwise
+                raise ValueError(f"k_factor_rf must be in [1, 1000], got {value}")
 
     @property
     def codebook_pq(self) -> bool:
         return _CODEBOOK_PQ.fullmatch(self.description) is not None
+
+    @property
+    def codebook_refine(self) -> bool:
+        return _CODEBOOK_REFINE.fullmatch(self.description) is not None
+
+    @property
+    def codebook_codes(self) -> bool:
+        """Whether the index stores codebook PQ codes (of codebook keys, not encoder latents)."""
+        return self.codebook_pq or self.codebook_refine
 
     @property
     def is_ivf(self) -> bool:
@@ -125,23 +141,33 @@ def make_index(
         zero_cells: whether keys hold zero vectors for cells off the grid (the codebook PQ then needs a code
             for them).
     """
-    match = _CODEBOOK_PQ.fullmatch(config.description)
-    if match:
+    if config.codebook_codes:
         if codebook is None:
-            raise ValueError("a CodebookPQ index needs the tokenizer's codebook")
+            raise ValueError(f"a {config.description} index needs the tokenizer's codebook")
         if key_dim != cells * codebook.shape[1]:
             raise ValueError(f"CodebookPQ keys must be {cells} codebook vectors of {codebook.shape[1]} values")
         bits = codebook_bits(len(codebook), with_zero=zero_cells)
         if bits > 16:
             raise ValueError(f"CodebookPQ supports codebooks of up to 65,535 codes, not {len(codebook)}")
+    refined = _CODEBOOK_REFINE.fullmatch(config.description)
+    if refined:
+        try:
+            index = faiss.index_factory(key_dim, f"{refined.group(1)},Refine(PQ{cells}x{bits})")
+        except RuntimeError as error:
+            raise ValueError(f"FAISS cannot make index {refined.group(1)!r}: {str(error).splitlines()[-1]}") from error
+        refine = faiss.downcast_index(index.refine_index)
+        _set_codebook_tables(refine, codebook, bits, cells)
+        refine.is_trained = True
+        return index
+    match = _CODEBOOK_PQ.fullmatch(config.description)
+    if match:
         nlist, graph = match.group(1), match.group(2) or ""
         factory = f"IVF{nlist}{graph},PQ{cells}x{bits}" if nlist else f"PQ{cells}x{bits}"
         index = faiss.index_factory(key_dim, factory)
         pq_index = faiss.downcast_index(faiss.extract_index_ivf(index) if nlist else index)
         if nlist:
             pq_index.by_residual = False  # codes hold the keys themselves, not residuals from list centroids
-        tables = np.tile(codebook_pq_table(codebook, bits), (cells, 1))  # (n·2**bits, d)
-        faiss.copy_array_to_vector(tables.ravel(), pq_index.pq.centroids)
+        _set_codebook_tables(pq_index, codebook, bits, cells)
         if not nlist:
             pq_index.is_trained = True
         return index
@@ -162,6 +188,17 @@ def stores_ids(index: faiss.Index) -> bool:
     )
 
 
+def _set_codebook_tables(pq_index: faiss.Index, codebook: np.ndarray, bits: int, cells: int) -> None:
+    """Make every sub-quantizer of ``pq_index`` (an IndexPQ or IndexIVFPQ) the unit codebook."""
+    tables = np.tile(codebook_pq_table(codebook, bits), (cells, 1))  # (n·2**bits, d)
+    faiss.copy_array_to_vector(tables.ravel(), pq_index.pq.centroids)
+
+
+def _refinement(index: faiss.Index) -> faiss.IndexRefine | None:
+    index = faiss.downcast_index(index)
+    return index if isinstance(index, faiss.IndexRefine) else None
+
+
 def needs_training(index: faiss.Index) -> bool:
     return not index.is_trained
 
@@ -175,6 +212,12 @@ def train(index: faiss.Index, config: IndexConfig, sample: np.ndarray, seed: int
             f"choose fewer lists (IVF{max(1, len(sample) // 39)} suits it)"
         )
     sample = np.ascontiguousarray(sample, dtype=np.float32)
+    refinement = _refinement(index)
+    if refinement is not None:  # train the shortlisting index only: the codebook PQ is exact as it is
+        base = faiss.downcast_index(refinement.base_index)
+        train(base, IndexConfig(config.description.rsplit(",Refine(", 1)[0]), sample, seed)
+        refinement.is_trained = True
+        return
     if config.codebook_pq:
         ivf = faiss.extract_index_ivf(index)
         kmeans = faiss.Kmeans(sample.shape[1], nlist, niter=20, seed=seed, spherical=False)
@@ -201,6 +244,13 @@ def add_entries(index: faiss.Index, config: IndexConfig, keys: np.ndarray, ids: 
     the codebook PQ stores the (M, n) neighbour tokens ``cells`` as its codes."""
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64) if stores_ids(index) else None
+    refinement = _refinement(index)
+    if refinement is not None and config.codebook_refine:  # both parts numbered as added
+        refine = faiss.downcast_index(refinement.refine_index)
+        refine.add_sa_codes(_codebook_codes(refine, cells))
+        faiss.downcast_index(refinement.base_index).add(keys)
+        refinement.ntotal = refine.ntotal
+        return
     if not config.codebook_pq:
         if ids is None:
             index.add(keys)
@@ -208,15 +258,19 @@ def add_entries(index: faiss.Index, config: IndexConfig, keys: np.ndarray, ids: 
             index.add_with_ids(keys, ids)
         return
     ivf = faiss.try_extract_index_ivf(index)
-    pq_index = faiss.downcast_index(ivf if ivf is not None else index)
-    if len(cells) and cells.max() >= 1 << pq_index.pq.nbits:
-        raise ValueError(f"token {cells.max()} does not fit the {pq_index.pq.nbits}-bit codes of this CodebookPQ")
-    codes = pack_codes(cells, pq_index.pq.nbits)  # (M, code_size)
+    codes = _codebook_codes(faiss.downcast_index(ivf if ivf is not None else index), cells)  # (M, code_size)
     if ivf is not None:
         lists = ivf.quantizer.assign(keys, 1).ravel()  # (M,)
         coarse = lists.astype("<i8").view(np.uint8).reshape(-1, 8)[:, : ivf.coarse_code_size()]
         codes = np.ascontiguousarray(np.concatenate([coarse, codes], axis=1))
     index.add_sa_codes(codes, ids)
+
+
+def _codebook_codes(pq_index: faiss.Index, cells: np.ndarray) -> np.ndarray:
+    """(M, n) neighbour tokens -> the (M, code_size) codes of ``pq_index``, a codebook PQ."""
+    if len(cells) and cells.max() >= 1 << pq_index.pq.nbits:
+        raise ValueError(f"token {cells.max()} does not fit the {pq_index.pq.nbits}-bit codes of this CodebookPQ")
+    return pack_codes(cells, pq_index.pq.nbits)
 
 
 def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
@@ -238,7 +292,11 @@ def _merges_by_keys(index: faiss.Index) -> bool:
 def shard_template(template: faiss.Index) -> faiss.Index:
     """An empty index to build one shard of a database in: a copy of the trained empty ``template``; for indexes
     that cannot merge shards (HNSW, fast-scan IVF), a flat index (id-mapped like the template) whose keys
-    :func:`merge_into` adds to the database's index."""
+    :func:`merge_into` adds to the database's index; for a refined index, an IndexRefine of such a flat index
+    and the codebook PQ."""
+    refinement = _refinement(template)
+    if refinement is not None:  # keys for the shortlist index (see merge_into), codes for the codebook PQ
+        return faiss.IndexRefine(faiss.IndexFlatL2(template.d), faiss.clone_index(refinement.refine_index))
     if _merges_by_keys(template):
         flat = faiss.IndexFlatL2(template.d)
         return faiss.IndexIDMap(flat) if stores_ids(template) else flat
@@ -247,6 +305,15 @@ def shard_template(template: faiss.Index) -> faiss.Index:
 
 def merge_into(base: faiss.Index, part: faiss.Index) -> None:
     """Move every entry of ``part`` (a :func:`shard_template` of ``base``'s template) after those of ``base``."""
+    refinement = _refinement(base)
+    if refinement is not None:  # the shortlist index takes the part's keys, the codebook PQ its codes
+        other = _refinement(part)
+        if other.ntotal:
+            keys = faiss.downcast_index(other.base_index).reconstruct_n(0, other.ntotal)  # (M, D)
+            faiss.downcast_index(refinement.base_index).add(keys)
+            faiss.downcast_index(refinement.refine_index).merge_from(faiss.downcast_index(other.refine_index), 0)
+            refinement.ntotal = faiss.downcast_index(refinement.base_index).ntotal
+        return
     if _merges_by_keys(base):
         if not part.ntotal:
             return
