@@ -47,6 +47,8 @@ def zipf_grids(images: int, exponent: float, seed: int, copy: float = 0.0) -> np
     instead of being drawn, as the flat regions of real images repeat a token. 0 gives independent tokens,
     the same draws as without it.
     """
+    if not 0 <= copy <= 1:
+        raise ValueError(f"copy is a probability, in [0, 1], not {copy}")
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, SPEC.codebook_size + 1) ** exponent
     ranks = rng.choice(SPEC.codebook_size, size=(images, SPEC.grid.size), p=weights / weights.sum())
