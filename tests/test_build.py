@@ -131,6 +131,80 @@ def test_kill_and_resume_gives_the_entries_of_an_uninterrupted_build(backend, fo
         same_database(PatchDatabase.load(out), PatchDatabase.load(tmp_path / "whole"))
 
 
+def test_overwrite_keeps_the_database_until_the_new_build_is_complete(backend, folder, tmp_path):
+    db, config = tmp_path / "db", BuildConfig(sources=SourceConfig(shard_size=3), index=IndexConfig("IVF2,CodebookPQ"))
+    build_database(backend, [folder / "part0"], db, config)
+    reference = tmp_path / "reference"
+    shutil.copytree(db, reference)
+    not_a_tar = tmp_path / "not-a.tar"
+    not_a_tar.write_text("garbage")
+    with pytest.raises(ValueError, match="could be read"):  # fails after tokenizing: the old database comes back
+        build_database(backend, [not_a_tar], db, config, overwrite=True)
+    same_database(PatchDatabase.load(db), PatchDatabase.load(reference))
+    assert sorted(p.name for p in db.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+    def die(name, record):
+        if name == "index":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a killed --overwrite keeps the old database until it is finished
+        build_database(backend, [folder / "part1"], db, config, overwrite=True, on_shard_done=die)
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        PatchDatabase.load(db)
+    build_database(backend, [folder / "part1"], db, config, overwrite=True)  # starts again from the old database
+    build_database(backend, [folder / "part1"], tmp_path / "part1", config)
+    same_database(PatchDatabase.load(db), PatchDatabase.load(tmp_path / "part1"))
+    assert not (db / STATE_DIR).exists()
+
+
+@pytest.mark.parametrize(
+    ("index", "error"),
+    [
+        (IndexConfig("nonsense"), "FAISS cannot make"),
+        (IndexConfig("Flat", search_params="nprobe=4"), "do not apply"),
+        (IndexConfig("IVF4096,Flat", train_size=1000), "--train-size"),
+    ],
+)
+def test_bad_index_settings_fail_before_anything_is_read_or_removed(backend, folder, tmp_path, index, error):
+    db = tmp_path / "db"
+    build_database(backend, [folder / "part0"], db, SMALL)
+    before = sorted(p.relative_to(db) for p in db.rglob("*"))
+    bad = BuildConfig(sources=SourceConfig(shard_size=3), index=index)
+    with pytest.raises(ValueError, match=error):
+        build_database(backend, [folder / "part0"], db, bad, overwrite=True)
+    assert sorted(p.relative_to(db) for p in db.rglob("*")) == before
+
+
+def test_out_must_be_a_database_a_build_or_an_empty_folder(backend, folder, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file"):
+        build_database(backend, [folder / "part0"], tmp_path / "file", SMALL, overwrite=True)
+    theirs = tmp_path / "project"
+    (theirs / "build").mkdir(parents=True)
+    (theirs / "build" / "keep.txt").write_text("important")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not empty"):
+            build_database(backend, [folder / "part0"], theirs, SMALL, overwrite=overwrite)
+    assert (theirs / "build" / "keep.txt").read_text() == "important"
+    (tmp_path / "empty").mkdir()
+    assert build_database(backend, [folder / "part0"], tmp_path / "empty", SMALL).images_added == 5
+
+
+def test_a_failed_add_leaves_the_database_as_it_was(backend, folder, tmp_path):
+    db = tmp_path / "db"
+    build_database(backend, [folder / "part0"], db, SMALL)
+    reference = tmp_path / "reference"
+    shutil.copytree(db, reference)
+    not_a_tar = tmp_path / "not-a.tar"
+    not_a_tar.write_text("garbage")
+    with pytest.raises(ValueError, match="could be read"):
+        add_to_database(backend, [not_a_tar], db, SMALL)
+    assert sorted(p.name for p in db.rglob("*")) == sorted(p.name for p in reference.rglob("*"))
+    add_to_database(backend, [folder / "part1"], db, SMALL)  # takes further adds
+    build_database(backend, [folder / "part0", folder / "part1"], tmp_path / "whole", SMALL)
+    same_database(PatchDatabase.load(db), PatchDatabase.load(tmp_path / "whole"))
+
+
 def test_fast_scan_lists_are_refused_on_disk():
     with pytest.raises(ValueError, match="on disk"):
         BuildConfig(index=IndexConfig("IVF64,PQ8x4fs", on_disk=True))

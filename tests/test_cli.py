@@ -1,7 +1,9 @@
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -112,6 +114,22 @@ def test_a_folder_without_images_is_an_error(tmp_path, capsys):
     assert main(["db", "build", str(tmp_path / "bad.png"), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 2
     assert "could be read" in capsys.readouterr().err
     assert not (tmp_path / "db" / "manifest.json").exists()
+
+
+def test_ctrl_c_says_how_to_resume_and_resume_finishes(tmp_path):
+    db = tmp_path / "db"
+    command = [sys.executable, "-m", "arrag", "db", "build", "world:600", "--out", str(db), "--backend", "builtin"]
+    build = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    first_shard = db / "build" / "tokenized" / "000000.json"
+    deadline = time.monotonic() + 120
+    while not first_shard.exists() and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    build.send_signal(signal.SIGINT)
+    _, err = build.communicate(timeout=60)
+    assert build.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert main(["db", "build", "world:600", "--out", str(db), "--backend", "builtin", "--resume"]) == 0
+    assert json.loads((db / "manifest.json").read_text())["counts"]["images"] == 600
 
 
 def test_python_dash_m_runs_the_cli():

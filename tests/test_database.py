@@ -15,7 +15,7 @@ from arrag.database import (
     make_entries,
     stored_ids,
 )
-from arrag.grid import Grid
+from arrag.grid import Grid, Neighbourhood
 from arrag.indexes import IndexConfig
 
 SPEC = DatabaseSpec(backend="synthetic", grid=Grid(6, 7), codebook_size=100, codebook_fingerprint="x", cell_dim=4)
@@ -129,6 +129,13 @@ def test_a_database_from_another_tokenizer_or_grid_is_refused(tmp_path):
         PatchDatabase.load(tmp_path / "db", expect=other_grid)
 
 
+def test_a_neighbourhood_that_leaves_no_position_with_a_key_is_refused():
+    with pytest.raises(ValueError, match="no position"):
+        DatabaseSpec(**{**vars(SPEC), "grid": Grid(4, 4), "neighbourhood": Neighbourhood(hops=4)})
+    zero = DatabaseSpec(**{**vars(SPEC), "grid": Grid(4, 4), "neighbourhood": Neighbourhood(hops=4, missing="zero")})
+    assert len(zero.neighbourhood.eligible(zero.grid)) == 15  # all but the first position
+
+
 def test_load_refuses_a_folder_without_a_database_or_with_a_truncated_index(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a patch database"):
         PatchDatabase.load(tmp_path)
@@ -160,3 +167,7 @@ def test_a_damaged_or_older_database_is_refused_with_what_to_do(tmp_path):
     (tmp_path / "db" / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
     with pytest.raises(ValueError, match="build the database again"):
         PatchDatabase.load(tmp_path / "db")
+    for damaged in ('{"format": "arrag-patch', "[1, 2]"):
+        (tmp_path / "db" / "manifest.json").write_text(damaged)
+        with pytest.raises(ValueError, match=r"manifest\.json"):
+            PatchDatabase.load(tmp_path / "db")

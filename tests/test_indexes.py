@@ -144,6 +144,11 @@ def test_bad_configs_are_refused():
         IndexConfig("IVF8,PQ8x4fs,Refine(CodebookPQ)", search_params="k_factor_rf=5000")
     with pytest.raises(ValueError, match="on-disk"):
         IndexConfig("IVF8,PQ8x4fs,Refine(CodebookPQ)", on_disk=True)
+    with pytest.raises(ValueError, match="at least one list"):  # FAISS would make it and search nothing
+        IndexConfig("IVF0,Flat")
+    for params in ("nprobe=0", "efSearch=-5"):
+        with pytest.raises(ValueError, match=">= 1"):
+            IndexConfig("IVF8,Flat", search_params=params)
     with pytest.raises(ValueError, match="cannot make"):
         indexes.make_index(IndexConfig("NotAnIndex"), 16, 4)
     with pytest.raises(ValueError, match="codebook"):

@@ -62,6 +62,7 @@ from arrag.stages import (
     index_shard_file,
     read_token_shard,
     shard_entries,
+    token_file,
     tokenize_batch,
     tokenized_record,
     write_atomically,
@@ -73,6 +74,7 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "build-report.json"
 PLAN_FILE = "plan.json"
 BASE_FILE = "index.base.faiss"  # the database's index before an add, kept until the add is complete
+PREVIOUS_DIR = "previous"  # under STATE_DIR: the database an --overwrite build replaces, kept until it completes
 TRAIN_SHARDS = 64  # training keys are sampled from at most this many shards
 
 ShardCallback = Callable[[str, dict], None]
@@ -168,17 +170,13 @@ def build_database(
     elif resume:
         raise FileNotFoundError(f"{out} holds no interrupted build to resume (no {STATE_DIR}/{PLAN_FILE})")
     else:
-        if (out / MANIFEST_FILE).exists() and not overwrite:
-            raise FileExistsError(f"{out} already holds a patch database; choose another --out or pass --overwrite")
-        if (out / STATE_DIR).exists() and not overwrite:
-            raise FileExistsError(
-                f"{out} holds an interrupted build; pass --resume to finish it or --overwrite to start again"
-            )
+        _check_out(out, overwrite)
+        _check_index(spec, config.index, loaded)
         sources = plan_shards(inputs, config.sources)
         if not sources.shards:
             raise ValueError(f"no image files found in {', '.join(inputs)}")
         if overwrite:
-            clear_database(out)
+            _set_aside(out)
         plan = {
             "kind": "build",
             "version": MANIFEST_VERSION,
@@ -261,13 +259,91 @@ def add_to_database(
 
 
 def clear_database(directory: Path) -> None:
-    """Remove a database's files (the manifest first, so a half-removed database never loads)."""
-    for name in (MANIFEST_FILE, INDEX_FILE, NEXT_TOKENS_FILE, BASE_FILE, SOURCES_FILE, TEMPLATE_FILE, REPORT_FILE):
-        (directory / name).unlink(missing_ok=True)
-    for path in directory.glob("*.ivfdata"):
-        path.unlink()
-    for name in (TOKENS_DIR, STATE_DIR):
-        shutil.rmtree(directory / name, ignore_errors=True)
+    """Remove a database's files and any build state in ``directory``."""
+    for path in [*_database_files(directory), directory / STATE_DIR]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _database_files(directory: Path) -> list[Path]:
+    """The files and folders of the database in ``directory``, the manifest first (so that a database half
+    removed or moved never loads)."""
+    names = (
+        MANIFEST_FILE,
+        INDEX_FILE,
+        NEXT_TOKENS_FILE,
+        BASE_FILE,
+        SOURCES_FILE,
+        TEMPLATE_FILE,
+        REPORT_FILE,
+        TOKENS_DIR,
+    )
+    return [directory / name for name in names if (directory / name).exists()] + sorted(directory.glob("*.ivfdata"))
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that a new build would clash with, before anything is read or removed."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder")
+    interrupted = (out / STATE_DIR / PLAN_FILE).exists()
+    if (out / MANIFEST_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a patch database; choose another --out or pass --overwrite")
+    if interrupted and not overwrite:
+        raise FileExistsError(
+            f"{out} holds an interrupted build; pass --resume to finish it or --overwrite to start again"
+        )
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists() and not interrupted:
+        raise FileExistsError(f"{out} is not empty and holds no patch database; choose a new or empty folder")
+
+
+def _check_index(spec: DatabaseSpec, config: IndexConfig, backend: Backend) -> None:
+    """Make the index and apply its search parameters once, so that a bad setting fails before the tokenizing."""
+    if config.nlist is not None and config.nlist > config.train_size:
+        raise ValueError(
+            f"{config.description} trains {config.nlist} lists on {config.train_size} keys (--train-size); "
+            f"raise --train-size to at least {config.nlist} (40 keys a list is better) or choose fewer lists"
+        )
+    codes = code_table(backend) if spec.key_source == "codebook" else None
+    indexes.set_search_params(spec.empty_index(config, codes), config.search_params)
+
+
+def _set_aside(directory: Path) -> None:
+    """For ``--overwrite``: move the database in ``directory`` into the build's state folder, where it stays
+    until the new build is complete, and comes back if the build fails; an interrupted build is removed."""
+    if (directory / STATE_DIR / PREVIOUS_DIR).exists():  # an interrupted --overwrite: its database comes back first
+        _restore_previous(directory)
+    if not (directory / MANIFEST_FILE).exists():
+        clear_database(directory)
+        return
+    shutil.rmtree(directory / STATE_DIR, ignore_errors=True)
+    previous = directory / STATE_DIR / PREVIOUS_DIR
+    previous.mkdir(parents=True)
+    for path in _database_files(directory):
+        path.rename(previous / path.name)
+
+
+def _restore_previous(directory: Path) -> None:
+    """Put back the database an ``--overwrite`` build set aside, removing what that build wrote."""
+    held = directory / f".{PREVIOUS_DIR}"  # out of the state folder, which clear_database removes
+    (directory / STATE_DIR / PREVIOUS_DIR).rename(held)
+    clear_database(directory)
+    for path in sorted(held.iterdir(), key=lambda path: path.name == MANIFEST_FILE):  # the manifest last
+        path.rename(directory / path.name)
+    held.rmdir()
+    logger.warning("the database that was in %s is back in place", directory)
+
+
+def _undo(directory: Path, plan: dict, merging: bool) -> None:
+    """After a failed build or add: put back the database an --overwrite build replaced; forget an add that
+    failed before its merge (its token shards and state), so the database takes further adds."""
+    if (directory / STATE_DIR / PREVIOUS_DIR).exists():
+        _restore_previous(directory)
+    elif plan["kind"] == "add" and not merging:
+        for shard in plan["shards"]:
+            (directory / token_file(shard["index"])).unlink(missing_ok=True)
+        shutil.rmtree(directory / STATE_DIR)
 
 
 def _shard_number(file: str) -> int:
@@ -315,32 +391,40 @@ def _run(
     def tokenized_path(task: dict) -> Path:
         return tokenized_record(directory, task["index"])
 
-    with make_engine(config.engine, config.address) as engine:
-        clock = time.perf_counter()
-        tokenizer = loaded if isinstance(engine, LocalEngine) or not isinstance(backend, BackendRef) else backend
-        stage = TokenizeStage(tokenizer, TokenizeJob(str(directory), config.batch_size, spec.key_source))
-        _run_stage(engine, stage, [shard.to_dict() for shard in shards], tokenized_path, on_shard_done)
-        records = [json.loads(tokenized_path(shard.to_dict()).read_text()) for shard in shards]
-        report.stage_seconds["tokenize"] = round(time.perf_counter() - clock, 3)
-        report.images_added = sum(record["images"] for record in records)
-        report.skipped = [skip for record in records for skip in record["skipped"]]
-        if report.images_added == 0:
-            raise ValueError(
-                f"none of the {len(report.skipped)} items could be read as an image; see the warnings above"
+    merging = False
+    try:
+        with make_engine(config.engine, config.address) as engine:
+            clock = time.perf_counter()
+            tokenizer = loaded if isinstance(engine, LocalEngine) or not isinstance(backend, BackendRef) else backend
+            stage = TokenizeStage(tokenizer, TokenizeJob(str(directory), config.batch_size, spec.key_source))
+            _run_stage(engine, stage, [shard.to_dict() for shard in shards], tokenized_path, on_shard_done)
+            records = [json.loads(tokenized_path(shard.to_dict()).read_text()) for shard in shards]
+            report.stage_seconds["tokenize"] = round(time.perf_counter() - clock, 3)
+            report.images_added = sum(record["images"] for record in records)
+            report.skipped = [skip for record in records for skip in record["skipped"]]
+            if report.images_added == 0:
+                raise ValueError(
+                    f"none of the {len(report.skipped)} items could be read as an image; see the warnings above"
+                )
+            firsts = np.cumsum([plan["first_image"]] + [record["images"] for record in records])[:-1].tolist()
+            clock = time.perf_counter()
+            template = _template(directory, plan, spec, index_config, codes, records)
+            report.stage_seconds["train"] = round(time.perf_counter() - clock, 3)
+            job = IndexJob(str(directory), spec, index_config, str(template), codes)
+            tasks = [
+                {"shard": r["shard"], "first_image": f} for r, f in zip(records, firsts, strict=True) if r["images"]
+            ]
+            clock = time.perf_counter()
+            _run_stage(
+                engine, IndexStage(job), tasks, lambda task: index_shard_file(directory, task["shard"]), on_shard_done
             )
-        firsts = np.cumsum([plan["first_image"]] + [record["images"] for record in records])[:-1].tolist()
+            report.stage_seconds["index"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
-        template = _template(directory, plan, spec, index_config, codes, records)
-        report.stage_seconds["train"] = round(time.perf_counter() - clock, 3)
-        job = IndexJob(str(directory), spec, index_config, str(template), codes)
-        tasks = [{"shard": r["shard"], "first_image": f} for r, f in zip(records, firsts, strict=True) if r["images"]]
-        clock = time.perf_counter()
-        _run_stage(
-            engine, IndexStage(job), tasks, lambda task: index_shard_file(directory, task["shard"]), on_shard_done
-        )
-        report.stage_seconds["index"] = round(time.perf_counter() - clock, 3)
-    clock = time.perf_counter()
-    database = _merge(directory, plan, spec, index_config, template, records, firsts)
+        merging = True
+        database = _merge(directory, plan, spec, index_config, template, records, firsts)
+    except Exception:
+        _undo(directory, plan, merging)
+        raise
     report.entries = len(database) - plan["first_image"] * len(spec.neighbourhood.eligible(spec.grid))
     report.stage_seconds["merge"] = round(time.perf_counter() - clock, 3)
     report.seconds = round(time.perf_counter() - start, 3)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,9 +144,20 @@ def _db_build(args: argparse.Namespace) -> int:
         args, neighbourhood=Neighbourhood(args.hops, args.missing), key_source=args.key_source, index=index
     )
     backend = BackendRef(args.backend, args.device, args.dtype)
-    report = build_database(backend, args.images, args.out, config, overwrite=args.overwrite, resume=args.resume)
+    with _resumable():
+        report = build_database(backend, args.images, args.out, config, overwrite=args.overwrite, resume=args.resume)
     _print_report("built", args.out, report)
     return 0
+
+
+@contextlib.contextmanager
+def _resumable() -> Iterator[None]:
+    """On Ctrl-C, say how to finish the interrupted build or add instead of showing a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\narrag: interrupted; run the same command with --resume to finish it", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _db_add(args: argparse.Namespace) -> int:
@@ -155,7 +167,8 @@ def _db_add(args: argparse.Namespace) -> int:
 
     name = args.backend or read_manifest(args.directory)["spec"]["backend"]
     backend = BackendRef(name, args.device, args.dtype)
-    report = add_to_database(backend, args.images, args.directory, _build_config(args), resume=args.resume)
+    with _resumable():
+        report = add_to_database(backend, args.images, args.directory, _build_config(args), resume=args.resume)
     _print_report("added to", args.directory, report)
     return 0
 

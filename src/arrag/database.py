@@ -41,6 +41,7 @@ INDEX_FILE = "index.faiss"
 SOURCES_FILE = "sources.json"
 NEXT_TOKENS_FILE = "next-tokens.npy"
 TEMPLATE_FILE = "trained.faiss"  # the empty trained index: what `arrag db add` adds shards to
+STATE_DIR = "build"  # in-progress state of a build or add; removed when the database is complete
 
 
 class DatabaseMismatchError(ValueError):
@@ -64,6 +65,11 @@ class DatabaseSpec:
             raise ValueError(f"key_source must be one of {KEY_SOURCES}, got {self.key_source!r}")
         if self.codebook_size < 2 or self.cell_dim < 1:
             raise ValueError(f"bad codebook: {self.codebook_size} codes of size {self.cell_dim}")
+        if not len(self.neighbourhood.eligible(self.grid)):
+            raise ValueError(
+                f"a {self.neighbourhood.hops}-hop neighbourhood that skips missing cells leaves no position of the "
+                f"{self.grid.rows}×{self.grid.cols} grid with a key; choose fewer hops or missing='zero'"
+            )
 
     @property
     def key_dim(self) -> int:
@@ -426,12 +432,20 @@ def index_bytes(directory: str | Path) -> int:
 def read_manifest(directory: str | Path) -> dict:
     """Read and check a database manifest."""
     path = Path(directory) / MANIFEST_FILE
+    if not path.is_file() and (Path(directory) / STATE_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{directory} holds an unfinished build; finish it by running the same arrag db build command with "
+            "--resume, or start again with --overwrite"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} is not a patch database (no {MANIFEST_FILE}); build one with arrag db build"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "arrag-patch-database":
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged ({error}); build the database again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "arrag-patch-database":
         raise ValueError(f"{path} is not an arrag patch database manifest")
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(

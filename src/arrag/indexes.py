@@ -61,6 +61,8 @@ class IndexConfig:
             raise ValueError("an index description is needed, e.g. Flat, IVF1024,CodebookPQ or OPQ8,IVF4096,PQ8")
         if self.train_size < 1:
             raise ValueError(f"train_size must be >= 1, got {self.train_size}")
+        if any(int(lists) < 1 for lists in re.findall(r"IVF(\d+)", self.description)):
+            raise ValueError(f"an IVF index needs at least one list, not {self.description!r}")
         if self.on_disk and (not self.is_ivf or self.codebook_refine):
             raise ValueError(f"on-disk inverted lists need an IVF index without refinement, not {self.description!r}")
         for setting in filter(None, self.search_params.split(",")):
@@ -73,6 +75,8 @@ class IndexConfig:
                 raise ValueError(f"search_params are name=number pairs like nprobe=32, got {setting!r}")
             if name == "k_factor_rf" and not 1 <= float(value) <= 1000:  # FAISS cannot read the index back otherwise
                 raise ValueError(f"k_factor_rf must be in [1, 1000], got {value}")
+            if name in ("nprobe", "efSearch") and float(value) < 1:  # FAISS would search nothing, or fail
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
     @property
     def codebook_pq(self) -> bool:

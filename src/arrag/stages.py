@@ -28,7 +28,7 @@ import torch
 
 from arrag import indexes
 from arrag.backends import Backend, BackendRef
-from arrag.database import DatabaseSpec, make_entries
+from arrag.database import STATE_DIR, DatabaseSpec, make_entries
 from arrag.indexes import IndexConfig
 from arrag.keys import KeySource
 from arrag.sources import Item, ShardSpec, read_shard
@@ -36,7 +36,6 @@ from arrag.sources import Item, ShardSpec, read_shard
 logger = logging.getLogger(__name__)
 
 TOKENS_DIR = "tokens"
-STATE_DIR = "build"  # in-progress state of a build; removed when the database is complete
 
 
 def token_file(index: int) -> str:
