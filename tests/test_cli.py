@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -114,6 +116,13 @@ def test_a_folder_without_images_is_an_error(tmp_path, capsys):
     assert main(["db", "build", str(tmp_path / "bad.png"), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 2
     assert "could be read" in capsys.readouterr().err
     assert not (tmp_path / "db" / "manifest.json").exists()
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), empty)
+    assert main(["db", "build", str(empty), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 2
+    assert "hold no images" in capsys.readouterr().err
+    assert not (tmp_path / "db" / "build").exists()  # nothing to resume: the next build starts afresh
+    assert main(["db", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 2
+    assert "no image files found" in capsys.readouterr().err
 
 
 def test_ctrl_c_says_how_to_resume_and_resume_finishes(tmp_path):

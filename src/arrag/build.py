@@ -367,8 +367,8 @@ def _check_resumable(plan: dict, kind: str, inputs: list[str], spec: DatabaseSpe
     if differences:
         raise ValueError(
             f"the interrupted {plan['kind']} was started with other {', '.join(differences)}; resume it with the "
-            f"same command (inputs: {' '.join(plan['inputs'])}; index: {plan['index']['description']}) or start "
-            "again with --overwrite"
+            f"same command (inputs: {' '.join(plan['inputs'])}; index: {plan['index']['description']}; shard size: "
+            f"{plan['sources']['shard_size']}) or start again with --overwrite"
         )
 
 
@@ -403,8 +403,12 @@ def _run(
             report.images_added = sum(record["images"] for record in records)
             report.skipped = [skip for record in records for skip in record["skipped"]]
             if report.images_added == 0:
+                if plan["kind"] == "build" and not (directory / STATE_DIR / PREVIOUS_DIR).exists():
+                    clear_database(directory)  # nothing worth resuming was made
                 raise ValueError(
                     f"none of the {len(report.skipped)} items could be read as an image; see the warnings above"
+                    if report.skipped
+                    else f"the inputs hold no images: {', '.join(plan['inputs'])}"
                 )
             firsts = np.cumsum([plan["first_image"]] + [record["images"] for record in records])[:-1].tolist()
             clock = time.perf_counter()
