@@ -1,4 +1,6 @@
+import fcntl
 import json
+import os
 import shutil
 
 import faiss
@@ -188,6 +190,21 @@ def test_out_must_be_a_database_a_build_or_an_empty_folder(backend, folder, tmp_
     assert (theirs / "build" / "keep.txt").read_text() == "important"
     (tmp_path / "empty").mkdir()
     assert build_database(backend, [folder / "part0"], tmp_path / "empty", SMALL).images_added == 5
+
+
+def test_a_second_build_or_add_in_the_same_folder_is_refused_while_one_runs(backend, folder, tmp_path):
+    db = tmp_path / "db"
+    build_database(backend, [folder / "part0"], db, SMALL)
+    holder = os.open(db, os.O_RDONLY)  # what a running build holds
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match="running"):
+            add_to_database(backend, [folder / "part1"], db, SMALL)
+        with pytest.raises(FileExistsError, match="running"):
+            build_database(backend, [folder / "part1"], db, SMALL, overwrite=True)
+    finally:
+        os.close(holder)
+    assert add_to_database(backend, [folder / "part1"], db, SMALL).images_added == 5
 
 
 def test_a_failed_add_leaves_the_database_as_it_was(backend, folder, tmp_path):

@@ -16,12 +16,15 @@ removed when the database is complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,6 +78,7 @@ REPORT_FILE = "build-report.json"
 PLAN_FILE = "plan.json"
 BASE_FILE = "index.base.faiss"  # the database's index before an add, kept until the add is complete
 PREVIOUS_DIR = "previous"  # under STATE_DIR: the database an --overwrite build replaces, kept until it completes
+SHARED_SETTINGS = ("sources", "batch_size", "engine", "address")  # what `db add` takes from its own arguments
 TRAIN_SHARDS = 64  # training keys are sampled from at most this many shards
 
 ShardCallback = Callable[[str, dict], None]
@@ -160,40 +164,41 @@ def build_database(
     """
     config = config or BuildConfig()
     out = Path(out)
-    loaded = backend.load() if isinstance(backend, BackendRef) else backend
-    spec = DatabaseSpec.for_backend(loaded, config.neighbourhood, config.key_source)
-    inputs = [str(item) for item in inputs]
-    plan_path = out / STATE_DIR / PLAN_FILE
-    if resume and plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-        _check_resumable(plan, "build", inputs, spec, config)
-    elif resume:
-        raise FileNotFoundError(f"{out} holds no interrupted build to resume (no {STATE_DIR}/{PLAN_FILE})")
-    else:
-        _check_out(out, overwrite)
-        _check_index(spec, config.index, loaded)
-        sources = plan_shards(inputs, config.sources)
-        if not sources.shards:
-            raise ValueError(f"no image files found in {', '.join(inputs)}")
-        if overwrite:
-            _set_aside(out)
-        plan = {
-            "kind": "build",
-            "version": MANIFEST_VERSION,
-            "inputs": inputs,
-            "spec": spec.to_dict(),
-            "index": config.index.to_dict(),
-            "sources": asdict(config.sources),
-            "preprocessing": loaded.preprocessing.to_dict(),
-            "seed": config.seed,
-            "first_image": 0,
-            "ivfdata": "index.ivfdata",
-            "base_token_shards": [],
-            "shards": [shard.to_dict() for shard in sources.shards],
-            "ignored": sources.ignored,
-        }
-        write_json(plan_path, plan)
-    return _run(out, plan, loaded, backend, config, on_shard_done)
+    with _exclusive(out):
+        loaded = backend.load() if isinstance(backend, BackendRef) else backend
+        spec = DatabaseSpec.for_backend(loaded, config.neighbourhood, config.key_source)
+        inputs = [str(item) for item in inputs]
+        plan_path = out / STATE_DIR / PLAN_FILE
+        if resume and plan_path.exists():
+            plan = json.loads(plan_path.read_text())
+            _check_resumable(plan, "build", inputs, spec, config)
+        elif resume:
+            raise FileNotFoundError(f"{out} holds no interrupted build to resume (no {STATE_DIR}/{PLAN_FILE})")
+        else:
+            _check_out(out, overwrite)
+            _check_index(spec, config.index, loaded)
+            sources = plan_shards(inputs, config.sources)
+            if not sources.shards:
+                raise ValueError(f"no image files found in {', '.join(inputs)}")
+            if overwrite:
+                _set_aside(out)
+            plan = {
+                "kind": "build",
+                "version": MANIFEST_VERSION,
+                "inputs": inputs,
+                "spec": spec.to_dict(),
+                "index": config.index.to_dict(),
+                "sources": asdict(config.sources),
+                "preprocessing": loaded.preprocessing.to_dict(),
+                "seed": config.seed,
+                "first_image": 0,
+                "ivfdata": "index.ivfdata",
+                "base_token_shards": [],
+                "shards": [shard.to_dict() for shard in sources.shards],
+                "ignored": sources.ignored,
+            }
+            write_json(plan_path, plan)
+        return _run(out, plan, loaded, backend, config, on_shard_done)
 
 
 def add_to_database(
@@ -212,50 +217,53 @@ def add_to_database(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    loaded = backend.load() if isinstance(backend, BackendRef) else backend
-    spec = DatabaseSpec.from_dict(manifest["spec"])
-    spec.check_serves(DatabaseSpec.for_backend(loaded, spec.neighbourhood, spec.key_source))
-    config = BuildConfig(
-        **{
-            **{name: getattr(config or BuildConfig(), name) for name in ("sources", "batch_size", "engine", "address")},
-            "neighbourhood": spec.neighbourhood,
-            "key_source": spec.key_source,
-            "index": IndexConfig.from_dict(manifest["index"]),
+    with _exclusive(directory):
+        loaded = backend.load() if isinstance(backend, BackendRef) else backend
+        spec = DatabaseSpec.from_dict(manifest["spec"])
+        spec.check_serves(DatabaseSpec.for_backend(loaded, spec.neighbourhood, spec.key_source))
+        config = BuildConfig(
+            **{
+                **{name: getattr(config or BuildConfig(), name) for name in SHARED_SETTINGS},
+                "neighbourhood": spec.neighbourhood,
+                "key_source": spec.key_source,
+                "index": IndexConfig.from_dict(manifest["index"]),
+            }
+        )
+        inputs = [str(item) for item in inputs]
+        plan_path = directory / STATE_DIR / PLAN_FILE
+        if plan_path.exists():
+            if not resume:
+                raise FileExistsError(
+                    f"{directory} holds an interrupted build or add; pass --resume to finish it first"
+                )
+            plan = json.loads(plan_path.read_text())
+            _check_resumable(plan, "add", inputs, spec, config)
+            return _run(directory, plan, loaded, backend, config, on_shard_done)
+        if resume:
+            raise FileNotFoundError(f"{directory} holds no interrupted add to resume (no {STATE_DIR}/{PLAN_FILE})")
+        (directory / BASE_FILE).unlink(missing_ok=True)  # left by an add killed after it completed
+        base_shards = manifest.get("token_shards", [])
+        first_shard = 1 + max((_shard_number(s["file"]) for s in base_shards), default=-1)
+        sources = plan_shards(inputs, config.sources, first_index=first_shard)
+        if not sources.shards:
+            raise ValueError(f"no image files found in {', '.join(inputs)}")
+        plan = {
+            "kind": "add",
+            "version": MANIFEST_VERSION,
+            "inputs": inputs,
+            "spec": spec.to_dict(),
+            "index": config.index.to_dict(),
+            "sources": asdict(config.sources),
+            "preprocessing": loaded.preprocessing.to_dict(),
+            "seed": config.seed,
+            "first_image": manifest["counts"]["images"],
+            "ivfdata": f"index-{first_shard:06d}.ivfdata",
+            "base_token_shards": base_shards,
+            "shards": [shard.to_dict() for shard in sources.shards],
+            "ignored": sources.ignored,
         }
-    )
-    inputs = [str(item) for item in inputs]
-    plan_path = directory / STATE_DIR / PLAN_FILE
-    if plan_path.exists():
-        if not resume:
-            raise FileExistsError(f"{directory} holds an interrupted build or add; pass --resume to finish it first")
-        plan = json.loads(plan_path.read_text())
-        _check_resumable(plan, "add", inputs, spec, config)
+        write_json(plan_path, plan)
         return _run(directory, plan, loaded, backend, config, on_shard_done)
-    if resume:
-        raise FileNotFoundError(f"{directory} holds no interrupted add to resume (no {STATE_DIR}/{PLAN_FILE})")
-    (directory / BASE_FILE).unlink(missing_ok=True)  # left by an add killed after it completed
-    base_shards = manifest.get("token_shards", [])
-    first_shard = 1 + max((_shard_number(s["file"]) for s in base_shards), default=-1)
-    sources = plan_shards(inputs, config.sources, first_index=first_shard)
-    if not sources.shards:
-        raise ValueError(f"no image files found in {', '.join(inputs)}")
-    plan = {
-        "kind": "add",
-        "version": MANIFEST_VERSION,
-        "inputs": inputs,
-        "spec": spec.to_dict(),
-        "index": config.index.to_dict(),
-        "sources": asdict(config.sources),
-        "preprocessing": loaded.preprocessing.to_dict(),
-        "seed": config.seed,
-        "first_image": manifest["counts"]["images"],
-        "ivfdata": f"index-{first_shard:06d}.ivfdata",
-        "base_token_shards": base_shards,
-        "shards": [shard.to_dict() for shard in sources.shards],
-        "ignored": sources.ignored,
-    }
-    write_json(plan_path, plan)
-    return _run(directory, plan, loaded, backend, config, on_shard_done)
 
 
 def clear_database(directory: Path) -> None:
@@ -283,10 +291,25 @@ def _database_files(directory: Path) -> list[Path]:
     return [directory / name for name in names if (directory / name).exists()] + sorted(directory.glob("*.ivfdata"))
 
 
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold a lock on ``directory`` while a build or add runs in it: a second one there is refused."""
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; choose a folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another arrag build or add is running in {directory}; let it finish") from None
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an ``--out`` that a new build would clash with, before anything is read or removed."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; choose a folder")
     interrupted = (out / STATE_DIR / PLAN_FILE).exists()
     if (out / MANIFEST_FILE).exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a patch database; choose another --out or pass --overwrite")
