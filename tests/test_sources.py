@@ -1,5 +1,6 @@
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -126,3 +127,40 @@ def test_world_scenes_are_those_of_the_world_database(backend):
 def test_a_missing_input_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         plan_shards([tmp_path / "nope"])
+
+
+def names_in(plan, root) -> list[str]:
+    return [Path(name).relative_to(root).as_posix() for shard in plan.shards for name in shard.items]
+
+
+def test_a_symlinked_folder_contributes_its_images(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    for path, image in zip(
+        [tmp_path / "images" / "a.png", tmp_path / "elsewhere" / "b.png", tmp_path / "elsewhere" / "sub" / "c.png"],
+        blob_images(3),
+        strict=True,
+    ):
+        image.save(path)
+    (tmp_path / "images" / "linked").symlink_to(tmp_path / "elsewhere")
+    plan = plan_shards([tmp_path / "images"])
+    assert names_in(plan, tmp_path) == ["images/a.png", "images/linked/b.png", "images/linked/sub/c.png"]
+    assert all(item.image is not None for item in read_shard(plan.shards[0]))
+
+
+def test_a_symlink_loop_ends_and_gives_each_image_once(tmp_path):
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    blob_images(1)[0].save(tmp_path / "images" / "sub" / "a.png")
+    (tmp_path / "images" / "sub" / "up").symlink_to(tmp_path / "images")
+    (tmp_path / "images" / "self").symlink_to(".")
+    assert names_in(plan_shards([tmp_path / "images"]), tmp_path) == ["images/sub/a.png"]
+
+
+def test_an_image_given_several_times_is_read_once(tmp_path, caplog):
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    for name, image in zip(["a.png", "b.png", "sub/c.png"], blob_images(3), strict=True):
+        image.save(tmp_path / "images" / name)
+    inputs = [tmp_path / "images", tmp_path / "images" / "sub", tmp_path / "images", tmp_path / "images" / "b.png"]
+    plan = plan_shards(inputs, SourceConfig(shard_size=2))
+    assert names_in(plan, tmp_path) == ["images/a.png", "images/b.png", "images/sub/c.png"]
+    assert "dropped 5 duplicate input files" in caplog.text

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,22 +16,82 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
+logger = logging.getLogger(__name__)
+
 
 class ImageReadError(ValueError):
     """A file could not be read as an image; the message says why."""
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, recursively and sorted, following symlinked folders.
+
+    Python 3.11's ``Path.rglob`` skips symlinked folders; following them needs each real folder entered once,
+    so a symlink loop ends and a folder linked twice gives its files once.
+    """
+    found: list[Path] = []
+    entered: set[Path] = set()
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        real = directory.resolve()
+        if real in entered:
+            continue
+        entered.add(real)
+        try:
+            entries = sorted(directory.iterdir())
+        except PermissionError:  # skipped, as rglob does
+            continue
+        for entry in entries:
+            if entry.is_dir():
+                pending.append(entry)
+            elif entry.is_file():
+                found.append(entry)
+    return sorted(found)
+
+
+def drop_duplicate_files(paths: list[Path]) -> list[Path]:
+    """``paths`` in order, keeping only the first of those that resolve to the same file; warns of the rest."""
+    first: dict[Path, Path] = {}
+    for path in paths:
+        first.setdefault(path.resolve(), path)
+    if len(first) < len(paths):
+        logger.warning(
+            "dropped %d duplicate input files (given twice, or reached through several folders or symlinks)",
+            len(paths) - len(first),
+        )
+    return list(first.values())
+
+
 def find_images(inputs: list[Path]) -> list[Path]:
-    """Files given directly, plus image files found recursively under given folders, sorted per folder."""
+    """Files given directly, plus image files found recursively under given folders, sorted per folder; each
+    file once."""
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += [p for p in files_under(item) if p.suffix.lower() in IMAGE_SUFFIXES]
         elif item.exists():
             found.append(item)
         else:
             raise FileNotFoundError(f"{item} does not exist")
-    return found
+    return drop_duplicate_files(found)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. 16-bit integer images are scaled by 255/65535 (also mode "I" beyond 255), float
+    images from [0, 1], or from their own min and max when outside it: PIL's own conversion clips them, turning
+    a 16-bit gradient white and floats in [0, 1] black."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float32)
+    if image.mode == "F":
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        if low < 0 or high > 1:
+            values = (values - low) / ((high - low) or 1.0)
+        values = values * 255
+    elif image.mode != "I" or values.max() > 255:  # mode "I" within [0, 255] is already 8-bit
+        values = values * (255 / 65535)
+    return Image.fromarray(np.nan_to_num(values).clip(0, 255).round().astype(np.uint8)).convert("RGB")
 
 
 def read_image(source: Path | bytes) -> Image.Image:
@@ -37,7 +99,7 @@ def read_image(source: Path | bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()  # decode now: a truncated file fails here, not later
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         raise ImageReadError(f"{type(error).__name__}: {error}") from error
 
@@ -72,9 +134,23 @@ class Preprocessing:
         size = self.size
         scale = size / min(image.size)
         width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.convert("RGB").resize((width, height), _RESAMPLE[self.resample])
         left, top = (width - size) // 2, (height - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+        # Only the square is resampled: resizing the whole image first made a 65000×1 strip 4M pixels wide. Two
+        # passes, horizontal then vertical, over the source pixels that resize-then-crop kept give its results to
+        # within one level (a single resize with a box rounds its intermediate differently, by up to 30 levels on
+        # noise); the first pass is given only the rows the second one reaches.
+        x_step, y_step = image.width / width, image.height / height
+        y0, y1 = top * y_step, (top + size) * y_step
+        # source rows the vertical pass reads beyond the square: lanczos, the widest filter, reads 3 pixels each way,
+        # output pixels when shrinking
+        reach = 3 * max(1.0, y_step) + 1
+        first, last = max(0, math.floor(y0 - reach)), min(image.height, math.ceil(y1 + reach))
+        image = to_rgb(image).crop((0, first, image.width, last))
+        resample = _RESAMPLE[self.resample]
+        image = image.resize(
+            (size, image.height), resample, box=(left * x_step, 0, (left + size) * x_step, image.height)
+        )
+        image = image.resize((size, size), resample, box=(0, y0 - first, size, y1 - first))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (S, S, 3) in [0, 255]
         low, high = self.value_range
         return pixels.permute(2, 0, 1) / (255.0 / (high - low)) + low  # (3, S, S); [-1, 1]: x / 127.5 - 1

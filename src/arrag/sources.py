@@ -19,7 +19,7 @@ from typing import Literal
 
 from PIL import Image
 
-from arrag.images import IMAGE_SUFFIXES, ImageReadError, read_image
+from arrag.images import IMAGE_SUFFIXES, ImageReadError, drop_duplicate_files, files_under, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +98,13 @@ def plan_shards(inputs: Sequence[str | Path], config: SourceConfig = SourceConfi
 
     Loose image files come first (in input order; folders sorted), in shards of ``config.shard_size``; then
     one shard per tar file and per Parquet row group; then the world's scenes. Files in folders that are
-    none of these are ignored and listed; a file named directly is always tried as an image.
+    none of these are ignored and listed; a file named directly is always tried as an image. Folders are
+    searched through symlinks; a file reached more than once (given twice, in nested folders given both,
+    through symlinks) is read once, where it first came.
     """
-    images: list[Path] = []
-    containers: list[Path] = []
+    files: list[Path] = []
+    named: set[Path] = set()  # given directly, so tried as an image whatever its name
     worlds: list[int] = []
-    plan = Plan()
     for raw in inputs:
         match = _WORLD.fullmatch(str(raw))
         if match:
@@ -111,17 +112,22 @@ def plan_shards(inputs: Sequence[str | Path], config: SourceConfig = SourceConfi
             continue
         path = Path(raw)
         if path.is_dir():
-            for found in sorted(p for p in path.rglob("*") if p.is_file()):
-                if _has_suffix(found, TAR_SUFFIXES + PARQUET_SUFFIXES):
-                    containers.append(found)
-                elif found.suffix.lower() in IMAGE_SUFFIXES:
-                    images.append(found)
-                else:
-                    plan.ignored.append({"path": str(found), "reason": "not an image, tar or Parquet file name"})
+            files += files_under(path)
         elif path.exists():
-            (containers if _has_suffix(path, TAR_SUFFIXES + PARQUET_SUFFIXES) else images).append(path)
+            files.append(path)
+            named.add(path)
         else:
             raise FileNotFoundError(f"{raw} does not exist (inputs are image files, folders or world:N)")
+    images: list[Path] = []
+    containers: list[Path] = []
+    plan = Plan()
+    for path in drop_duplicate_files(files):
+        if _has_suffix(path, TAR_SUFFIXES + PARQUET_SUFFIXES):
+            containers.append(path)
+        elif path in named or path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            plan.ignored.append({"path": str(path), "reason": "not an image, tar or Parquet file name"})
     index = first_index
 
     def add(**fields: object) -> None:
