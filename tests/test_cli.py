@@ -123,6 +123,10 @@ def test_a_folder_without_images_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "db" / "build").exists()  # nothing to resume: the next build starts afresh
     assert main(["db", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 2
     assert "no image files found" in capsys.readouterr().err
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("junk")
+    assert main(["db", "build", str(fake), "--out", str(tmp_path / "db"), "--backend", "tiny"]) == 2
+    assert "unreadable Parquet file" in capsys.readouterr().err  # why nothing could be read
 
 
 def test_ctrl_c_says_how_to_resume_and_resume_finishes(tmp_path):

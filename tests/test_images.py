@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arrag.images import _RESAMPLE, Preprocessing, find_images, read_image, to_rgb
+from arrag.images import _RESAMPLE, ImageReadError, Preprocessing, find_images, read_image, to_rgb
 
 
 def resized_then_cropped(image: Image.Image, size: int, resample: str) -> np.ndarray:
@@ -88,3 +88,9 @@ def test_find_images_follows_symlinked_folders_once_and_drops_repeated_files(tmp
         "photos/more/b.png",
     ]
     assert "dropped 1 duplicate input files" in caplog.text
+
+
+def test_an_undecodable_stream_is_named_without_an_object_address():
+    with pytest.raises(ImageReadError) as refused:
+        read_image(b"not an image")
+    assert str(refused.value) == "UnidentifiedImageError: cannot identify image file"

@@ -179,7 +179,7 @@ def build_database(
             _check_index(spec, config.index, loaded)
             sources = plan_shards(inputs, config.sources)
             if not sources.shards:
-                raise ValueError(f"no image files found in {', '.join(inputs)}")
+                raise _nothing_to_read(inputs, sources.ignored)
             if overwrite:
                 _set_aside(out)
             plan = {
@@ -246,7 +246,7 @@ def add_to_database(
         first_shard = 1 + max((_shard_number(s["file"]) for s in base_shards), default=-1)
         sources = plan_shards(inputs, config.sources, first_index=first_shard)
         if not sources.shards:
-            raise ValueError(f"no image files found in {', '.join(inputs)}")
+            raise _nothing_to_read(inputs, sources.ignored)
         plan = {
             "kind": "add",
             "version": MANIFEST_VERSION,
@@ -306,6 +306,12 @@ def _exclusive(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(handle)  # releases the lock
+
+
+def _nothing_to_read(inputs: list[str], ignored: list[dict[str, str]]) -> ValueError:
+    """The error for inputs that hold no image file, with why the first of the files they hold was ignored."""
+    why = f"; ignored {len(ignored)} files, e.g. {ignored[0]['path']}: {ignored[0]['reason']}" if ignored else ""
+    return ValueError(f"no image files found in {', '.join(inputs)}{why}")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

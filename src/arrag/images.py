@@ -96,12 +96,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def read_image(source: Path | bytes) -> Image.Image:
     """Decode an image file or its bytes fully to RGB, or raise :class:`ImageReadError` with the reason."""
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with Image.open(stream) as image:
             image.load()  # decode now: a truncated file fails here, not later
             return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        raise ImageReadError(f"{type(error).__name__}: {error}") from error
+        reason = str(error).replace(f" {stream!r}", "")  # PIL names an in-memory stream by its object address
+        raise ImageReadError(f"{type(error).__name__}: {reason}") from error
 
 
 Resample = Literal["bicubic", "bilinear", "lanczos"]
