@@ -2,6 +2,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 
 import faiss
 import numpy as np
@@ -326,6 +327,17 @@ def test_tar_parquet_and_world_inputs(backend, folder, tmp_path):
     assert report.skipped == []
     database = PatchDatabase.load(tmp_path / "db")
     assert database.sources[-5].startswith("world-database-scene-0: ")
+
+
+# before ray_cluster: with Ray started in this process, an engine uses it and needs no address
+def test_an_address_where_no_ray_cluster_listens_fails_at_once(backend, folder, tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = BuildConfig(engine="ray", address=f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="no Ray cluster answers"):  # ray.init alone retries for minutes
+        build_database(backend, [folder / "part0"], tmp_path / "db", config)
 
 
 @pytest.fixture(scope="module")

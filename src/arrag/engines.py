@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class RayEngine:
 
         if not ray.is_initialized():
             if self.address is not None:
+                _check_reachable(self.address)
                 ray.init(address=self.address, log_to_driver=False)
             else:
                 ray.init(
@@ -133,6 +135,19 @@ class RayEngine:
         logger.info("%s: %d tasks on %d Ray workers (%s)", stage.name, len(tasks), workers, "GPU" if gpus else "CPU")
         for row in dataset.iter_rows():
             yield json.loads(row["result"])
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a ``HOST:PORT`` where nothing listens: ``ray.init`` would retry for minutes."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # "auto", "ray://...": Ray resolves those itself
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ValueError(
+            f"no Ray cluster answers at {address} ({error}); start one there with `ray start --head` or check --address"
+        ) from None
 
 
 def make_engine(name: EngineName, address: str | None = None) -> LocalEngine | RayEngine:
