@@ -53,7 +53,7 @@ from arrag.engines import ENGINES, EngineName, LocalEngine, RayEngine, make_engi
 from arrag.grid import Neighbourhood
 from arrag.indexes import IndexConfig
 from arrag.keys import KEY_SOURCES, KeySource, code_table, unit_codebook
-from arrag.sources import ShardSpec, SourceConfig, plan_shards
+from arrag.sources import Plan, ShardSpec, SourceConfig, plan_shards
 from arrag.stages import (
     STATE_DIR,
     TOKENS_DIR,
@@ -182,21 +182,7 @@ def build_database(
                 raise _nothing_to_read(inputs, sources.ignored)
             if overwrite:
                 _set_aside(out)
-            plan = {
-                "kind": "build",
-                "version": MANIFEST_VERSION,
-                "inputs": inputs,
-                "spec": spec.to_dict(),
-                "index": config.index.to_dict(),
-                "sources": asdict(config.sources),
-                "preprocessing": loaded.preprocessing.to_dict(),
-                "seed": config.seed,
-                "first_image": 0,
-                "ivfdata": "index.ivfdata",
-                "base_token_shards": [],
-                "shards": [shard.to_dict() for shard in sources.shards],
-                "ignored": sources.ignored,
-            }
+            plan = _plan("build", inputs, spec, config, loaded, sources, 0, "index.ivfdata", [])
             write_json(plan_path, plan)
         return _run(out, plan, loaded, backend, config, on_shard_done)
 
@@ -247,21 +233,10 @@ def add_to_database(
         sources = plan_shards(inputs, config.sources, first_index=first_shard)
         if not sources.shards:
             raise _nothing_to_read(inputs, sources.ignored)
-        plan = {
-            "kind": "add",
-            "version": MANIFEST_VERSION,
-            "inputs": inputs,
-            "spec": spec.to_dict(),
-            "index": config.index.to_dict(),
-            "sources": asdict(config.sources),
-            "preprocessing": loaded.preprocessing.to_dict(),
-            "seed": config.seed,
-            "first_image": manifest["counts"]["images"],
-            "ivfdata": f"index-{first_shard:06d}.ivfdata",
-            "base_token_shards": base_shards,
-            "shards": [shard.to_dict() for shard in sources.shards],
-            "ignored": sources.ignored,
-        }
+        first_image = manifest["counts"]["images"]
+        plan = _plan(
+            "add", inputs, spec, config, loaded, sources, first_image, f"index-{first_shard:06d}.ivfdata", base_shards
+        )
         write_json(plan_path, plan)
         return _run(directory, plan, loaded, backend, config, on_shard_done)
 
@@ -306,6 +281,35 @@ def _exclusive(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(handle)  # releases the lock
+
+
+def _plan(
+    kind: str,
+    inputs: list[str],
+    spec: DatabaseSpec,
+    config: BuildConfig,
+    backend: Backend,
+    sources: Plan,
+    first_image: int,
+    ivfdata: str,
+    base_token_shards: list[dict],
+) -> dict:
+    """What a build or add will do, written before it starts: resuming reads it back and checks it."""
+    return {
+        "kind": kind,
+        "version": MANIFEST_VERSION,
+        "inputs": inputs,
+        "spec": spec.to_dict(),
+        "index": config.index.to_dict(),
+        "sources": asdict(config.sources),
+        "preprocessing": backend.preprocessing.to_dict(),
+        "seed": config.seed,
+        "first_image": first_image,
+        "ivfdata": ivfdata,
+        "base_token_shards": base_token_shards,
+        "shards": [shard.to_dict() for shard in sources.shards],
+        "ignored": sources.ignored,
+    }
 
 
 def _nothing_to_read(inputs: list[str], ignored: list[dict[str, str]]) -> ValueError:
