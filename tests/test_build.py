@@ -189,6 +189,8 @@ def test_out_must_be_a_database_a_build_or_an_empty_folder(backend, folder, tmp_
         with pytest.raises(FileExistsError, match="not empty"):
             build_database(backend, [folder / "part0"], theirs, SMALL, overwrite=overwrite)
     assert (theirs / "build" / "keep.txt").read_text() == "important"
+    with pytest.raises(FileNotFoundError, match="not a patch database"):  # not taken for an unfinished build
+        PatchDatabase.load(theirs)
     (tmp_path / "empty").mkdir()
     assert build_database(backend, [folder / "part0"], tmp_path / "empty", SMALL).images_added == 5
 

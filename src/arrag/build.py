@@ -40,6 +40,7 @@ from arrag.database import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
     NEXT_TOKENS_FILE,
+    PLAN_FILE,
     SOURCES_FILE,
     TEMPLATE_FILE,
     DatabaseSpec,
@@ -75,7 +76,6 @@ from arrag.stages import (
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "build-report.json"
-PLAN_FILE = "plan.json"
 BASE_FILE = "index.base.faiss"  # the database's index before an add, kept until the add is complete
 PREVIOUS_DIR = "previous"  # under STATE_DIR: the database an --overwrite build replaces, kept until it completes
 SHARED_SETTINGS = ("sources", "batch_size", "engine", "address")  # what `db add` takes from its own arguments

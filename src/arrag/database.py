@@ -42,6 +42,7 @@ SOURCES_FILE = "sources.json"
 NEXT_TOKENS_FILE = "next-tokens.npy"
 TEMPLATE_FILE = "trained.faiss"  # the empty trained index: what `arrag db add` adds shards to
 STATE_DIR = "build"  # in-progress state of a build or add; removed when the database is complete
+PLAN_FILE = "plan.json"  # in STATE_DIR: what the build or add in progress does
 
 
 class DatabaseMismatchError(ValueError):
@@ -432,7 +433,7 @@ def index_bytes(directory: str | Path) -> int:
 def read_manifest(directory: str | Path) -> dict:
     """Read and check a database manifest."""
     path = Path(directory) / MANIFEST_FILE
-    if not path.is_file() and (Path(directory) / STATE_DIR).is_dir():
+    if not path.is_file() and (Path(directory) / STATE_DIR / PLAN_FILE).is_file():
         raise FileNotFoundError(
             f"{directory} holds an unfinished build; finish it by running the same arrag db build command with "
             "--resume, or start again with --overwrite"
