@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +16,8 @@ from PIL import Image, ImageDraw, PngImagePlugin
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 logger = logging.getLogger(__name__)
+
+LONG_STRIP = 16  # resized images over this many squares are cropped before resampling
 
 
 class ImageReadError(ValueError):
@@ -137,22 +138,13 @@ class Preprocessing:
         scale = size / min(image.size)
         width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
         left, top = (width - size) // 2, (height - size) // 2
-        # Only the square is resampled: resizing the whole image first made a 65000×1 strip 4M pixels wide. Two
-        # passes, horizontal then vertical, over the source pixels that resize-then-crop kept give its results to
-        # within one level (a single resize with a box rounds its intermediate differently, by up to 30 levels on
-        # noise); the first pass is given only the rows the second one reaches.
-        x_step, y_step = image.width / width, image.height / height
-        y0, y1 = top * y_step, (top + size) * y_step
-        # source rows the vertical pass reads beyond the square: lanczos, the widest filter, reads 3 pixels each way,
-        # output pixels when shrinking
-        reach = 3 * max(1.0, y_step) + 1
-        first, last = max(0, math.floor(y0 - reach)), min(image.height, math.ceil(y1 + reach))
-        image = to_rgb(image).crop((0, first, image.width, last))
-        resample = _RESAMPLE[self.resample]
-        image = image.resize(
-            (size, image.height), resample, box=(left * x_step, 0, (left + size) * x_step, image.height)
-        )
-        image = image.resize((size, size), resample, box=(0, y0 - first, size, y1 - first))
+        image, resample = to_rgb(image), _RESAMPLE[self.resample]
+        if width * height <= LONG_STRIP * size * size:
+            image = image.resize((width, height), resample).crop((left, top, left + size, top + size))
+        else:  # resizing a long strip whole would take gigabytes (a 65000×1 PNG: 1.5 GB): resample the square only
+            x_step, y_step = image.width / width, image.height / height
+            box = (left * x_step, top * y_step, (left + size) * x_step, (top + size) * y_step)
+            image = image.resize((size, size), resample, box=box)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (S, S, 3) in [0, 255]
         low, high = self.value_range
         return pixels.permute(2, 0, 1) / (255.0 / (high - low)) + low  # (3, S, S); [-1, 1]: x / 127.5 - 1
