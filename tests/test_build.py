@@ -160,6 +160,26 @@ def test_overwrite_keeps_the_database_until_the_new_build_is_complete(backend, f
     assert not (db / STATE_DIR).exists()
 
 
+@pytest.mark.parametrize("state", ["previous.partial", "previous", "previous.restoring"])
+def test_a_database_killed_while_set_aside_or_put_back_is_recovered(backend, folder, tmp_path, state):
+    db = tmp_path / "db"
+    build_database(backend, [folder / "part0"], db, SMALL)
+    reference = tmp_path / "reference"
+    shutil.copytree(db, reference)
+    held = db / STATE_DIR / state
+    held.mkdir(parents=True)
+    moved = ["manifest.json", "index.faiss"] if state == "previous.partial" else [p.name for p in db.iterdir()]
+    if state == "previous.restoring":  # the manifest goes back last: a kill leaves it behind
+        moved = ["manifest.json", "tokens"]
+    for name in moved:
+        if name != STATE_DIR:
+            (db / name).rename(held / name)
+    with pytest.raises(FileExistsError, match="already holds"):  # recovered first, then refused as usual
+        build_database(backend, [folder / "part1"], db, SMALL)
+    assert sorted(p.name for p in db.iterdir()) == sorted(p.name for p in reference.iterdir())
+    same_database(PatchDatabase.load(db), PatchDatabase.load(reference))
+
+
 @pytest.mark.parametrize(
     ("index", "error"),
     [
@@ -331,13 +351,36 @@ def test_tar_parquet_and_world_inputs(backend, folder, tmp_path):
     assert database.sources[-5].startswith("world-database-scene-0: ")
 
 
+def test_a_resumed_add_that_fails_after_its_merge_began_stays_resumable(backend, folder, tmp_path):
+    pytest.importorskip("ray")
+    db = tmp_path / "db"
+    build_database(backend, [folder / "part0"], db, SMALL)
+
+    def die(name, record):
+        if name == "index":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        add_to_database(backend, [folder / "part1"], db, SMALL, on_shard_done=die)
+    shutil.copyfile(db / "index.faiss", db / "index.base.faiss")  # where a merge killed later would have got to
+    unreachable = BuildConfig(**{**vars(SMALL), "engine": "ray", "address": f"127.0.0.1:{free_port()}"})
+    with pytest.raises(ValueError, match="no Ray cluster"):
+        add_to_database(backend, [folder / "part1"], db, unreachable, resume=True)
+    add_to_database(backend, [folder / "part1"], db, SMALL, resume=True)  # not forgotten: it resumes
+    build_database(backend, [folder / "part0", folder / "part1"], tmp_path / "whole", SMALL)
+    same_database(PatchDatabase.load(db), PatchDatabase.load(tmp_path / "whole"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:  # nothing listens on it once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 # before ray_cluster: with Ray started in this process, an engine uses it and needs no address
 def test_an_address_where_no_ray_cluster_listens_fails_at_once(backend, folder, tmp_path):
     pytest.importorskip("ray")
-    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = BuildConfig(engine="ray", address=f"127.0.0.1:{port}")
+    config = BuildConfig(engine="ray", address=f"127.0.0.1:{free_port()}")
     with pytest.raises(ValueError, match="no Ray cluster answers"):  # ray.init alone retries for minutes
         build_database(backend, [folder / "part0"], tmp_path / "db", config)
 

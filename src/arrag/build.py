@@ -164,7 +164,7 @@ def build_database(
     """
     config = config or BuildConfig()
     out = Path(out)
-    with _exclusive(out):
+    with _exclusive(out, create=True):
         loaded = backend.load() if isinstance(backend, BackendRef) else backend
         spec = DatabaseSpec.for_backend(loaded, config.neighbourhood, config.key_source)
         inputs = [str(item) for item in inputs]
@@ -202,8 +202,8 @@ def add_to_database(
     engine, sources and batch size matter. New images get the next ids; entries already there are kept.
     """
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    with _exclusive(directory):
+    with _exclusive(directory, create=False):
+        manifest = read_manifest(directory)
         loaded = backend.load() if isinstance(backend, BackendRef) else backend
         spec = DatabaseSpec.from_dict(manifest["spec"])
         spec.check_serves(DatabaseSpec.for_backend(loaded, spec.neighbourhood, spec.key_source))
@@ -244,10 +244,14 @@ def add_to_database(
 def clear_database(directory: Path) -> None:
     """Remove a database's files and any build state in ``directory``."""
     for path in [*_database_files(directory), directory / STATE_DIR]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _database_files(directory: Path) -> list[Path]:
@@ -267,20 +271,28 @@ def _database_files(directory: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _exclusive(directory: Path) -> Iterator[None]:
-    """Hold a lock on ``directory`` while a build or add runs in it: a second one there is refused."""
+def _exclusive(directory: Path, create: bool) -> Iterator[None]:
+    """Hold a lock on ``directory`` while a build or add runs in it: a second one there is refused. A folder
+    made here (``create``) is removed again if the build leaves it empty (it was refused)."""
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} is a file; choose a folder")
-    directory.mkdir(parents=True, exist_ok=True)
+    made = create and not directory.exists()
+    if made:
+        directory.mkdir(parents=True)
+    elif not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a patch database (no such folder); build one with arrag db build")
     handle = os.open(directory, os.O_RDONLY)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FileExistsError(f"another arrag build or add is running in {directory}; let it finish") from None
+        _recover(directory)
         yield
     finally:
         os.close(handle)  # releases the lock
+        if made and not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def _plan(
@@ -351,21 +363,39 @@ def _set_aside(directory: Path) -> None:
         clear_database(directory)
         return
     shutil.rmtree(directory / STATE_DIR, ignore_errors=True)
-    previous = directory / STATE_DIR / PREVIOUS_DIR
-    previous.mkdir(parents=True)
-    for path in _database_files(directory):
-        path.rename(previous / path.name)
+    partial = directory / STATE_DIR / f"{PREVIOUS_DIR}.partial"  # renamed once every file is in
+    partial.mkdir(parents=True)
+    for path in _database_files(directory):  # the manifest first: a half-moved database does not load
+        path.rename(partial / path.name)
+    partial.rename(directory / STATE_DIR / PREVIOUS_DIR)
 
 
 def _restore_previous(directory: Path) -> None:
     """Put back the database an ``--overwrite`` build set aside, removing what that build wrote."""
-    held = directory / f".{PREVIOUS_DIR}"  # out of the state folder, which clear_database removes
-    (directory / STATE_DIR / PREVIOUS_DIR).rename(held)
-    clear_database(directory)
-    for path in sorted(held.iterdir(), key=lambda path: path.name == MANIFEST_FILE):  # the manifest last
-        path.rename(directory / path.name)
-    held.rmdir()
+    for path in _database_files(directory):
+        _remove(path)
+    restoring = directory / STATE_DIR / f"{PREVIOUS_DIR}.restoring"  # what the build wrote is gone
+    (directory / STATE_DIR / PREVIOUS_DIR).rename(restoring)
+    _move_back(restoring)
     logger.warning("the database that was in %s is back in place", directory)
+
+
+def _move_back(held: Path) -> None:
+    """Move a set-aside database's files back into the database folder, the manifest last; end its build."""
+    directory = held.parent.parent
+    for path in sorted(held.iterdir(), key=lambda path: path.name == MANIFEST_FILE):
+        path.rename(directory / path.name)
+    shutil.rmtree(directory / STATE_DIR)
+
+
+def _recover(directory: Path) -> None:
+    """Finish what a kill interrupted while a database was being set aside or put back."""
+    state = directory / STATE_DIR
+    for unfinished in (state / f"{PREVIOUS_DIR}.partial", state / f"{PREVIOUS_DIR}.restoring"):
+        if unfinished.exists():  # only the old database's files were moving: move the rest back
+            _move_back(unfinished)
+    if (state / PREVIOUS_DIR).exists() and not (state / PLAN_FILE).exists():  # set aside, the build not begun
+        _restore_previous(directory)
 
 
 def _undo(directory: Path, plan: dict, merging: bool) -> None:
@@ -373,7 +403,7 @@ def _undo(directory: Path, plan: dict, merging: bool) -> None:
     failed before its merge (its token shards and state), so the database takes further adds."""
     if (directory / STATE_DIR / PREVIOUS_DIR).exists():
         _restore_previous(directory)
-    elif plan["kind"] == "add" and not merging:
+    elif plan["kind"] == "add" and not merging and not (directory / BASE_FILE).exists():  # no merge begun, ever
         for shard in plan["shards"]:
             (directory / token_file(shard["index"])).unlink(missing_ok=True)
         shutil.rmtree(directory / STATE_DIR)
