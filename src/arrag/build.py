@@ -351,7 +351,12 @@ def _check_index(spec: DatabaseSpec, config: IndexConfig, backend: Backend) -> N
             f"raise --train-size to at least {config.nlist} (40 keys a list is better) or choose fewer lists"
         )
     codes = code_table(backend) if spec.key_source == "codebook" else None
-    indexes.set_search_params(spec.empty_index(config, codes), config.search_params)
+    indexes.set_search_params(_empty_index(spec, config, codes), config.search_params)
+
+
+def _empty_index(spec: DatabaseSpec, config: IndexConfig, codes: np.ndarray | None) -> faiss.Index:
+    """The untrained index of a build; ``codes``: the (V, d) code vectors, for codebook keys."""
+    return spec.empty_index(config, unit_codebook(codes) if codes is not None else None)
 
 
 def _set_aside(directory: Path) -> None:
@@ -540,8 +545,7 @@ def _template(
     if plan["kind"] == "add" and existing.exists():
         write_atomically(path, lambda tmp: shutil.copyfile(existing, tmp))
         return path
-    codebook = unit_codebook(codes) if codes is not None else None
-    index = spec.empty_index(config, codebook)
+    index = _empty_index(spec, config, codes)
     if not index.is_trained:
         if plan["kind"] == "add":
             raise ValueError(f"{directory} has no {TEMPLATE_FILE} to add to its {config.description} index")
