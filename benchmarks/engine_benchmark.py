@@ -20,8 +20,8 @@ from pathlib import Path
 
 from arrag.backends import BackendRef
 from arrag.build import BuildConfig, build_database
-from arrag.indexes import IndexConfig
-from arrag.sources import ShardSpec, SourceConfig, read_shard
+from arrag.build.sources import ShardSpec, SourceConfig, read_shard
+from arrag.retrieval.indexes import IndexConfig
 
 
 def write_world_pngs(folder: Path, images: int) -> None:

@@ -21,11 +21,11 @@ import torch
 
 from arrag.backends import load_backend
 from arrag.config import GenerationConfig, RetrievalConfig
-from arrag.database import DatabaseSpec, PatchDatabase
 from arrag.decoding.loop import generate
 from arrag.faid.attach import build_adapter
 from arrag.faid.blender import FaidConfig
 from arrag.faid.files import shipped_adapter
+from arrag.retrieval.database import DatabaseSpec, PatchDatabase
 from arrag.world.prompts import sample_prompts
 
 

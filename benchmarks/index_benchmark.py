@@ -2,7 +2,7 @@
 
 Synthetic entries shaped like Janus-Pro's: 24×24 token grids over a 16,384-code codebook of 8-d unit vectors,
 tokens drawn from a Zipf law (p(rank r) ∝ r^-s), keys from the paper's 4-cell neighbourhood (32-d, 506
-entries per image), made by arrag's own make_entries and added through arrag.indexes like a real build.
+entries per image), made by arrag's own make_entries and added through arrag.retrieval.indexes like a real build.
 Tokens are independent unless ``--copy p`` makes each repeat its left or upper neighbour with probability p
 (the runs of one token in the flat regions of real images). Queries are keys of other images drawn the same way.
 
@@ -31,10 +31,10 @@ import faiss
 import numpy as np
 import torch
 
-from arrag import indexes
-from arrag.database import DatabaseSpec, make_entries, token_bits, token_dtype
-from arrag.grid import Grid
-from arrag.indexes import IndexConfig
+from arrag.retrieval import indexes
+from arrag.retrieval.database import DatabaseSpec, make_entries, token_bits, token_dtype
+from arrag.retrieval.grid import Grid
+from arrag.retrieval.indexes import IndexConfig
 
 SPEC = DatabaseSpec(backend="synthetic", grid=Grid(24, 24), codebook_size=16384, codebook_fingerprint="-", cell_dim=8)
 CHUNK = 512  # images per make_entries call

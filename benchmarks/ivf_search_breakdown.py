@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from index_benchmark import add_workload_arguments, build_index, default_nlist, make_workload
 
-from arrag import indexes
-from arrag.indexes import IndexConfig
+from arrag.retrieval import indexes
+from arrag.retrieval.indexes import IndexConfig
 
 BATCH = 256
 

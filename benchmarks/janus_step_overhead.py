@@ -23,10 +23,10 @@ from transformers import JanusConfig, JanusForConditionalGeneration
 
 from arrag.backends.janus import DTYPES, JanusBackend
 from arrag.config import GenerationConfig, RetrievalConfig
-from arrag.database import DatabaseSpec, PatchDatabase, make_entries
 from arrag.decoding.loop import generate
-from arrag.grid import Grid
-from arrag.indexes import IndexConfig
+from arrag.retrieval.database import DatabaseSpec, PatchDatabase, make_entries
+from arrag.retrieval.grid import Grid
+from arrag.retrieval.indexes import IndexConfig
 
 
 def janus_pro_1b_shaped() -> JanusConfig:

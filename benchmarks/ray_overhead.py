@@ -19,7 +19,7 @@ import sys
 
 MEASURE = r"""
 import json, os, time
-from arrag.engines import RayEngine  # a build's driver has arrag (and torch) imported before it starts Ray
+from arrag.build.engines import RayEngine  # a build's driver has arrag (and torch) imported before it starts Ray
 clock = time.perf_counter()
 seconds = {}
 
@@ -41,13 +41,13 @@ def touch(_):
 
 @ray.remote(num_cpus=1)
 def import_stages(_):
-    import arrag.stages  # noqa: F401
+    import arrag.build.stages  # noqa: F401
     return os.getpid()
 
 ray.get([touch.remote(i) for i in range(workers)])
 lap("first task per worker")
 ray.get([import_stages.remote(i) for i in range(workers)])
-lap("workers import arrag.stages")
+lap("workers import arrag.build.stages")
 
 def identity(batch):
     return batch

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 
 from arrag.backends import load_backend
-from arrag.indexes import IndexConfig
+from arrag.retrieval.indexes import IndexConfig
 from arrag.world.database import CACHE_DIR, world_database, world_database_dir
 
 

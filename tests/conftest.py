@@ -11,8 +11,8 @@ from hypothesis import settings
 from PIL import Image
 
 from arrag.backends.builtin import BuiltinBackend, tiny_backend
-from arrag.database import DatabaseSpec, PatchDatabase
-from arrag.grid import Neighbourhood
+from arrag.retrieval.database import DatabaseSpec, PatchDatabase
+from arrag.retrieval.grid import Neighbourhood
 
 # Timing is not behaviour: a loaded CI machine must not fail a property test.
 settings.register_profile("arrag", deadline=None)

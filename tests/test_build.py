@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from arrag import indexes
 from arrag.build import BuildConfig, add_to_database, build_database
-from arrag.database import PatchDatabase
-from arrag.grid import Neighbourhood
-from arrag.indexes import IndexConfig
-from arrag.sources import SourceConfig
-from arrag.stages import STATE_DIR
+from arrag.build.sources import SourceConfig
+from arrag.build.stages import STATE_DIR
+from arrag.retrieval import indexes
+from arrag.retrieval.database import PatchDatabase
+from arrag.retrieval.grid import Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
 from conftest import blob_images, database_from_images
 
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from arrag.backends.builtin import tiny_backend
-from arrag.database import (
+from arrag.retrieval.database import (
     NEXT_TOKENS_FILE,
     DatabaseMismatchError,
     DatabaseSpec,
@@ -15,8 +15,8 @@ from arrag.database import (
     make_entries,
     stored_ids,
 )
-from arrag.grid import Grid, Neighbourhood
-from arrag.indexes import IndexConfig
+from arrag.retrieval.grid import Grid, Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
 
 SPEC = DatabaseSpec(backend="synthetic", grid=Grid(6, 7), codebook_size=100, codebook_fingerprint="x", cell_dim=4)
 

@@ -15,8 +15,8 @@ from arrag.evaluation.experiment import EvalConfig, evaluate
 from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_caption
 from arrag.evaluation.report import write_report
 from arrag.evaluation.statistics import category_scores
-from arrag.grid import Neighbourhood
-from arrag.indexes import IndexConfig
+from arrag.retrieval.grid import Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
 
 
 def test_bootstrap_overall_is_the_mean_of_categories_and_intervals_cover_it():

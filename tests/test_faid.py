@@ -11,15 +11,16 @@ from safetensors.torch import load_file
 
 from arrag.backends.builtin import tiny_backend
 from arrag.config import GenerationConfig, RetrievalConfig
-from arrag.database import Neighbours, PatchDatabase
 from arrag.decoding.loop import generate
 from arrag.faid.attach import attached, build_adapter
 from arrag.faid.blender import Blender, FaidConfig
 from arrag.faid.files import load_adapter
 from arrag.faid.train import MemoisedSearch, retrievals, train_faid
-from arrag.grid import Grid, Neighbourhood
-from arrag.indexes import IndexConfig
-from arrag.keys import patch_keys
+from arrag.retrieval.database import PatchDatabase
+from arrag.retrieval.grid import Grid, Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
+from arrag.retrieval.keys import patch_keys
+from arrag.retrieval.neighbours import Neighbours
 from arrag.training import TrainConfig
 
 PROMPTS = ["a red 7", "two blue cats"]

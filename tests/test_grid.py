@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from arrag.grid import Grid, Neighbourhood
+from arrag.retrieval.grid import Grid, Neighbourhood
 
 
 def test_paper_l_neighbourhood_is_up_left_up_up_right_left():

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from arrag import indexes
-from arrag.database import DatabaseSpec, PatchDatabase, make_entries
-from arrag.grid import Grid, Neighbourhood
-from arrag.indexes import IndexConfig
+from arrag.retrieval import indexes
+from arrag.retrieval.database import DatabaseSpec, PatchDatabase, make_entries
+from arrag.retrieval.grid import Grid, Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
 
 V, D_CELL = 50, 4  # a codebook size that is not a power of two
 SPEC = DatabaseSpec(

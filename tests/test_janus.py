@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 from arrag.backends.janus import JanusBackend, check_janus_config, load_janus
 from arrag.build import BuildConfig, build_database
 from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
-from arrag.database import PatchDatabase
 from arrag.decoding.loop import generate
+from arrag.retrieval.database import PatchDatabase
 from janus_tiny import tiny_janus_config, tiny_janus_model, tiny_janus_processor
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from arrag.decoding.loop import PatchRetriever
-from arrag.grid import Grid, Neighbourhood
-from arrag.keys import codebook_fingerprint, patch_keys
+from arrag.retrieval.grid import Grid, Neighbourhood
+from arrag.retrieval.keys import codebook_fingerprint, patch_keys
 from conftest import blob_images, database_from_images
 
 

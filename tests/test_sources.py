@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from arrag.sources import ShardSpec, SourceConfig, plan_shards, read_shard
+from arrag.build.sources import ShardSpec, SourceConfig, plan_shards, read_shard
 from conftest import blob_images
 
 

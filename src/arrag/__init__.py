@@ -6,9 +6,9 @@ __version__ = "0.1.0"
 
 from arrag.backends import load_backend
 from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
-from arrag.database import DatabaseSpec, PatchDatabase
 from arrag.decoding.loop import GenerationOutput, generate
-from arrag.grid import Grid, Neighbourhood
+from arrag.retrieval.database import DatabaseSpec, PatchDatabase
+from arrag.retrieval.grid import Grid, Neighbourhood
 
 __all__ = [
     "DatabaseSpec",

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from arrag.config import SamplingConfig
-from arrag.grid import Grid
 from arrag.images import Preprocessing
+from arrag.retrieval.grid import Grid
 
 if TYPE_CHECKING:
-    from arrag.database import Neighbours
     from arrag.faid.attach import FaidHooks, FaidTarget
+    from arrag.retrieval.neighbours import Neighbours
 
 
 @dataclass

@@ -13,11 +13,8 @@ from safetensors.torch import load_file
 
 from arrag.backends.base import StepLogits
 from arrag.config import SamplingConfig
-from arrag.database import Neighbours
 from arrag.faid.attach import FaidHooks, FaidTarget
-from arrag.grid import Grid
 from arrag.images import Preprocessing
-from arrag.keys import codebook_fingerprint
 from arrag.models.transformer import (
     ImageTransformer,
     TransformerConfig,
@@ -25,6 +22,9 @@ from arrag.models.transformer import (
     unconditional_captions,
 )
 from arrag.models.vq import VQConfig, VQModel
+from arrag.retrieval.grid import Grid
+from arrag.retrieval.keys import codebook_fingerprint
+from arrag.retrieval.neighbours import Neighbours
 from arrag.training import CONFIG_FILE, WEIGHTS_FILE
 
 

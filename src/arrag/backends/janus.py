@@ -26,11 +26,11 @@ from transformers import AutoProcessor, DynamicCache, JanusForConditionalGenerat
 
 from arrag.backends.base import StepLogits
 from arrag.config import SamplingConfig
-from arrag.database import Neighbours
 from arrag.faid.attach import FaidHooks, FaidTarget
-from arrag.grid import Grid
 from arrag.images import Preprocessing
-from arrag.keys import codebook_fingerprint
+from arrag.retrieval.grid import Grid
+from arrag.retrieval.keys import codebook_fingerprint
+from arrag.retrieval.neighbours import Neighbours
 
 JANUS_DEFAULT_GUIDANCE = 5.0  # transformers' and Janus's default CFG weight
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

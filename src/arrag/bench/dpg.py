@@ -15,8 +15,8 @@ import torch
 
 from arrag.backends.base import Backend
 from arrag.bench.runner import BenchConfig, Job, RunSummary, read_jsonl, run_jobs, save_atomic, tile
-from arrag.database import PatchDatabase
 from arrag.faid.blender import FaidAdapter
+from arrag.retrieval.database import PatchDatabase
 
 IMAGES_PER_PROMPT = 4  # the scorer's 2×2 crops
 GRID_COLUMNS = 2

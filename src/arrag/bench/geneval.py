@@ -21,8 +21,8 @@ import torch
 
 from arrag.backends.base import Backend
 from arrag.bench.runner import BenchConfig, Job, RunSummary, read_jsonl, run_jobs, save_atomic, tile
-from arrag.database import PatchDatabase
 from arrag.faid.blender import FaidAdapter
+from arrag.retrieval.database import PatchDatabase
 
 
 def read_geneval_prompts(path: Path) -> list[Job]:

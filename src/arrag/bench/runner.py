@@ -24,10 +24,10 @@ import torch
 from arrag import __version__
 from arrag.backends.base import Backend
 from arrag.config import GenerationConfig
-from arrag.database import PatchDatabase
 from arrag.decoding.loop import generate
 from arrag.faid.blender import FaidAdapter
 from arrag.images import read_metadata, save_image
+from arrag.retrieval.database import PatchDatabase
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,13 @@ import torch
 
 from arrag.backends.base import Backend
 from arrag.config import GenerationConfig
-from arrag.database import Neighbours, PatchDatabase
 from arrag.decoding.merge import mix, retrieval_distribution
 from arrag.decoding.sampling import apply_guidance, filter_probabilities, sample, to_probabilities
 from arrag.faid.attach import attached
 from arrag.faid.blender import FaidAdapter
-from arrag.keys import patch_keys
+from arrag.retrieval.database import PatchDatabase
+from arrag.retrieval.keys import patch_keys
+from arrag.retrieval.neighbours import Neighbours
 
 logger = logging.getLogger(__name__)
 

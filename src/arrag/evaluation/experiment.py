@@ -26,14 +26,14 @@ import torch
 from arrag.backends import load_backend
 from arrag.backends.base import Backend
 from arrag.config import Duplicates, GenerationConfig, RetrievalConfig
-from arrag.database import PatchDatabase
 from arrag.evaluation.copying import CopyThreshold, nearest_database_image
 from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_caption
 from arrag.evaluation.quality import EfficientNetLite0Features, ImageQuality
 from arrag.evaluation.statistics import Score, category_scores
 from arrag.faid.files import load_adapter, shipped_adapter
-from arrag.grid import Neighbourhood
-from arrag.indexes import IndexConfig
+from arrag.retrieval.database import PatchDatabase
+from arrag.retrieval.grid import Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
 from arrag.world.checker import WorldChecker
 from arrag.world.database import CACHE_DIR, world_database, world_database_dir, world_database_scenes
 from arrag.world.features import DigitFeatures

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from arrag.database import Neighbours
+from arrag.retrieval.neighbours import Neighbours
 
 
 def rank_by_caption(prompts: Sequence[str], captions: Sequence[str], count: int) -> np.ndarray:

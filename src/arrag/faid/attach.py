@@ -23,9 +23,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from arrag.database import Neighbours
 from arrag.faid.blender import BlenderKernels, FaidAdapter, FaidConfig, lora_key
-from arrag.grid import Grid, Neighbourhood
+from arrag.retrieval.grid import Grid, Neighbourhood
+from arrag.retrieval.neighbours import Neighbours
 
 
 @dataclass

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arrag.grid import Neighbourhood
 from arrag.models.transformer import RMSNorm
+from arrag.retrieval.grid import Neighbourhood
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from arrag import indexes
 from arrag.backends.base import Backend
-from arrag.database import PatchDatabase
 from arrag.faid.attach import FaidHooks, attached, build_adapter
 from arrag.faid.blender import FaidAdapter, FaidConfig
 from arrag.faid.files import model_fingerprint
-from arrag.keys import patch_keys
+from arrag.retrieval import indexes
+from arrag.retrieval.database import PatchDatabase
+from arrag.retrieval.keys import patch_keys
 from arrag.training import TrainConfig, train
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from arrag.backends.base import Backend
 from arrag.build import BuildConfig, add_images, build_database
-from arrag.database import MANIFEST_FILE, DatabaseSpec, PatchDatabase
-from arrag.grid import Neighbourhood
-from arrag.indexes import IndexConfig
+from arrag.retrieval.database import MANIFEST_FILE, DatabaseSpec, PatchDatabase
+from arrag.retrieval.grid import Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
 from arrag.world.digits import load_pool
 from arrag.world.prompts import Prompt, sample_prompts
 from arrag.world.scenes import render_scenes, to_backend_input

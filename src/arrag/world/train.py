@@ -17,9 +17,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from arrag.backends.builtin import load_transformer, load_vq
-from arrag.keys import codebook_fingerprint
 from arrag.models.transformer import ImageTransformer, TransformerConfig, encode_captions
 from arrag.models.vq import VQConfig, VQModel
+from arrag.retrieval.keys import codebook_fingerprint
 from arrag.training import TrainConfig, train
 from arrag.world.checker import INK_THRESHOLD, DigitClassifier, classifier_input
 from arrag.world.digits import Glyphs, Pool, load_pool

@@ -1,4 +1,4 @@
-"""Build engines: run one stage (:mod:`arrag.stages`) over many shards, here or on Ray Data.
+"""Build engines: run one stage (:mod:`arrag.build.stages`) over many shards, here or on Ray Data.
 
 A stage is a picklable object with ``name``, ``gpu`` (whether it wants an accelerator where there is one),
 ``setup(device) -> context`` — what a worker loads once per stage — and ``__call__(context, task) -> result``, both

@@ -1,7 +1,7 @@
 """The patch database: a FAISS index over patch keys, and the token that followed each key.
 
 An entry is made for every eligible position of every database image. Its key is
-:func:`arrag.keys.patch_keys` of the position's causal neighbours. Entries are numbered in order, P per
+:func:`arrag.retrieval.keys.patch_keys` of the position's causal neighbours. Entries are numbered in order, P per
 image: entry ``image · P + slot`` is eligible position ``slot`` of image ``image``, so the number alone says
 where an entry came from. How a search result names its entry and next token depends on the index:
 
@@ -28,10 +28,11 @@ import faiss
 import numpy as np
 import torch
 
-from arrag import indexes
-from arrag.grid import Grid, Neighbourhood
-from arrag.indexes import IndexConfig
-from arrag.keys import KEY_SOURCES, KeySource, key_dim, patch_keys
+from arrag.retrieval import indexes
+from arrag.retrieval.grid import Grid, Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
+from arrag.retrieval.keys import KEY_SOURCES, KeySource, key_dim, patch_keys
+from arrag.retrieval.neighbours import Neighbours
 
 logger = logging.getLogger(__name__)
 
@@ -209,19 +210,8 @@ def make_entries(spec: DatabaseSpec, tokens: torch.Tensor, cell_vectors: torch.T
     )
 
 
-@dataclass
-class Neighbours:
-    """Search results; entries with ``valid`` False are padding (fewer than K entries in the database)."""
-
-    distances: torch.Tensor  # (B, K) float32 squared L2, +inf where not valid
-    tokens: torch.Tensor  # (B, K) int64 token that followed the neighbour, 0 where not valid
-    image_ids: torch.Tensor  # (B, K) int64 database image id, -1 where not valid
-    positions: torch.Tensor  # (B, K) int64 raster position in that image, -1 where not valid
-    valid: torch.Tensor  # (B, K) bool
-
-
 class PatchDatabase:
-    """Patch database over a FAISS index (exact ``Flat`` by default; see :mod:`arrag.indexes` for others).
+    """Patch database over a FAISS index (exact ``Flat`` by default; see :mod:`arrag.retrieval.indexes` for others).
 
     ``next_tokens`` holds the token at every entry's position, in entry order, for an index that does not
     store ids (None for one that does: its ids carry the tokens). ``token_shards`` lists the

@@ -17,8 +17,8 @@ from arrag.config import METHODS
 if TYPE_CHECKING:
     from arrag.backends.base import Backend
     from arrag.config import GenerationConfig
-    from arrag.database import PatchDatabase
     from arrag.faid.blender import FaidAdapter
+    from arrag.retrieval.database import PatchDatabase
 
 
 def _method(args: argparse.Namespace) -> str:
@@ -57,7 +57,7 @@ def _backend_and_database(
     """The backend (default: the database's, else builtin), for retrieval the database checked against it, and
     for FAiD the adapter (--faid, else the one shipped for the backend)."""
     from arrag.backends import load_backend
-    from arrag.database import PatchDatabase, read_manifest
+    from arrag.retrieval.database import PatchDatabase, read_manifest
 
     backend_name = args.backend or (read_manifest(args.db)["spec"]["backend"] if args.db else "builtin")
     backend = load_backend(backend_name, args.device, args.dtype)
@@ -112,7 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _build_config(args: argparse.Namespace, **fields: object):
     from arrag.build import BuildConfig
-    from arrag.sources import SourceConfig
+    from arrag.build.sources import SourceConfig
 
     sources = SourceConfig(shard_size=args.shard_size, image_column=args.image_column)
     return BuildConfig(sources=sources, batch_size=args.batch_size, engine=args.engine, address=args.address, **fields)
@@ -136,8 +136,8 @@ def _print_report(verb: str, directory: Path, report) -> None:
 def _db_build(args: argparse.Namespace) -> int:
     from arrag.backends import BackendRef
     from arrag.build import build_database
-    from arrag.grid import Neighbourhood
-    from arrag.indexes import IndexConfig
+    from arrag.retrieval.grid import Neighbourhood
+    from arrag.retrieval.indexes import IndexConfig
 
     index = IndexConfig(args.index, args.on_disk, args.search_params, args.train_size)
     config = _build_config(
@@ -163,7 +163,7 @@ def _resumable() -> Iterator[None]:
 def _db_add(args: argparse.Namespace) -> int:
     from arrag.backends import BackendRef
     from arrag.build import add_to_database
-    from arrag.database import read_manifest
+    from arrag.retrieval.database import read_manifest
 
     name = args.backend or read_manifest(args.directory)["spec"]["backend"]
     backend = BackendRef(name, args.device, args.dtype)
@@ -174,7 +174,7 @@ def _db_add(args: argparse.Namespace) -> int:
 
 
 def _db_info(args: argparse.Namespace) -> int:
-    from arrag.database import index_bytes, read_manifest
+    from arrag.retrieval.database import index_bytes, read_manifest
 
     manifest = read_manifest(args.directory)
     shards = manifest.pop("token_shards", [])
@@ -224,7 +224,7 @@ def _train_faid(args: argparse.Namespace, command: str) -> None:
         )
         return
     from arrag.backends import load_backend
-    from arrag.database import PatchDatabase
+    from arrag.retrieval.database import PatchDatabase
 
     if args.data is None or args.db is None:
         raise ValueError("FAiD for a backend other than builtin needs --data NPZ (captions, tokens) and --db DIR")

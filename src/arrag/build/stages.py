@@ -26,12 +26,12 @@ import faiss
 import numpy as np
 import torch
 
-from arrag import indexes
 from arrag.backends import Backend, BackendRef
-from arrag.database import STATE_DIR, DatabaseSpec, make_entries
-from arrag.indexes import IndexConfig
-from arrag.keys import KeySource
-from arrag.sources import Item, ShardSpec, read_shard
+from arrag.build.sources import Item, ShardSpec, read_shard
+from arrag.retrieval import indexes
+from arrag.retrieval.database import STATE_DIR, DatabaseSpec, make_entries
+from arrag.retrieval.indexes import IndexConfig
+from arrag.retrieval.keys import KeySource
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Building and growing patch databases from image collections, resumably, on either build engine.
 
-A build plans its inputs into shards (:mod:`arrag.sources`), writes the plan to ``DB/build/plan.json``,
-then runs :mod:`arrag.stages` over the shards on an engine (:mod:`arrag.engines`):
+A build plans its inputs into shards (:mod:`arrag.build.sources`), writes the plan to ``DB/build/plan.json``,
+then runs :mod:`arrag.build.stages` over the shards on an engine (:mod:`arrag.build.engines`):
 
 1. tokenize every shard into ``DB/tokens/shard-*.parquet``;
 2. number the images (shard by shard, so ids do not depend on the engine or on interruptions);
@@ -33,29 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arrag import indexes
 from arrag.backends import Backend, BackendRef
-from arrag.database import (
-    INDEX_FILE,
-    MANIFEST_FILE,
-    MANIFEST_VERSION,
-    NEXT_TOKENS_FILE,
-    PLAN_FILE,
-    SOURCES_FILE,
-    TEMPLATE_FILE,
-    DatabaseSpec,
-    PatchDatabase,
-    index_bytes,
-    load_next_tokens,
-    next_tokens,
-    read_manifest,
-)
-from arrag.engines import ENGINES, EngineName, LocalEngine, RayEngine, make_engine
-from arrag.grid import Neighbourhood
-from arrag.indexes import IndexConfig
-from arrag.keys import KEY_SOURCES, KeySource, code_table, unit_codebook
-from arrag.sources import Plan, ShardSpec, SourceConfig, plan_shards
-from arrag.stages import (
+from arrag.build.engines import ENGINES, EngineName, LocalEngine, RayEngine, make_engine
+from arrag.build.sources import Plan, ShardSpec, SourceConfig, plan_shards
+from arrag.build.stages import (
     STATE_DIR,
     TOKENS_DIR,
     IndexJob,
@@ -72,6 +53,25 @@ from arrag.stages import (
     write_atomically,
     write_json,
 )
+from arrag.retrieval import indexes
+from arrag.retrieval.database import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    NEXT_TOKENS_FILE,
+    PLAN_FILE,
+    SOURCES_FILE,
+    TEMPLATE_FILE,
+    DatabaseSpec,
+    PatchDatabase,
+    index_bytes,
+    load_next_tokens,
+    next_tokens,
+    read_manifest,
+)
+from arrag.retrieval.grid import Neighbourhood
+from arrag.retrieval.indexes import IndexConfig
+from arrag.retrieval.keys import KEY_SOURCES, KeySource, code_table, unit_codebook
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ class BuildConfig:
     """How a database is built.
 
     Attributes:
-        neighbourhood, key_source: what a key is made of (see :mod:`arrag.keys`).
-        index: the FAISS index (see :mod:`arrag.indexes`).
-        sources: shard size and Parquet columns (see :mod:`arrag.sources`).
+        neighbourhood, key_source: what a key is made of (see :mod:`arrag.retrieval.keys`).
+        index: the FAISS index (see :mod:`arrag.retrieval.indexes`).
+        sources: shard size and Parquet columns (see :mod:`arrag.build.sources`).
         batch_size: images per tokenizer call.
         engine: ``local`` (this process) or ``ray`` (Ray Data).
         address: the Ray cluster to join; None starts Ray inside this process.
@@ -155,7 +155,7 @@ def build_database(
 
     Args:
         backend: the tokenizer; a :class:`BackendRef` lets Ray workers load their own copy.
-        inputs: what to read (see :func:`arrag.sources.plan_shards`).
+        inputs: what to read (see :func:`arrag.build.sources.plan_shards`).
         out: the database folder.
         config: index, neighbourhood, engine, ...
         overwrite: replace a database (or an interrupted build) in ``out``.

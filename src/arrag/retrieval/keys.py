@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from arrag.grid import Grid, Neighbourhood
+from arrag.retrieval.grid import Grid, Neighbourhood
 
 KeySource = Literal["codebook", "latents"]
 KEY_SOURCES: tuple[KeySource, ...] = ("codebook", "latents")

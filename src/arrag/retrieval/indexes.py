@@ -14,7 +14,7 @@ An :class:`IndexConfig` names the index with a description:
   ``ceil(neighbours · log2(codebook size) / 8)`` bytes. Nothing is trained but the optional IVF coarse
   quantizer (searched through an HNSW graph with ``_HNSW<m>``, for many lists).
 
-Indexes with ids of their own (IVF, ``IDMap``) store the ids of :mod:`arrag.database`; the others — flat
+Indexes with ids of their own (IVF, ``IDMap``) store the ids of :mod:`arrag.retrieval.database`; the others — flat
 codes, HNSW — number entries in the order they are added, so they spend no bytes on ids and must be given
 entries in entry order. Shapes: M entries, D key length, n neighbour cells per key,
 V codebook size, d code size.

@@ -1,0 +1,1 @@
+"""Patch retrieval: grid geometry, patch keys, FAISS indexes and the patch database."""
