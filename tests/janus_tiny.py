@@ -94,4 +94,6 @@ def tiny_janus_model(seed: int = 0) -> JanusForConditionalGeneration:
     model.generation_config.generation_kwargs = {"boi_token_id": 5}
     model.generation_config.bos_token_id = 0
     model.generation_config.pad_token_id = 1
+    # As in a released checkpoint: a saved copy loads this generation config instead of re-deriving one.
+    model.generation_config._from_model_config = False
     return model

@@ -1,20 +1,73 @@
 """The backend contract, run on every backend available without a download."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from arrag.backends import Backend, load_backend
+from arrag.backends import Backend, FaidCapable, load_backend, parse_name
 from arrag.backends.builtin import tiny_backend
 from arrag.models.transformer import encode_captions
 from conftest import blob_images
 
-BACKENDS = ["tiny", "tiny-3", "builtin"]
+BACKENDS = ["tiny", "tiny:3", "builtin", "janus"]
+
+
+@pytest.fixture(scope="module")
+def janus_folder(tmp_path_factory) -> Path:
+    """The tiny random Janus config saved as a checkpoint folder, so it loads by name like a downloaded one."""
+    pytest.importorskip("transformers")
+    from janus_tiny import tiny_janus_model, tiny_janus_processor
+
+    folder = tmp_path_factory.mktemp("janus")
+    tiny_janus_model().save_pretrained(folder)
+    tiny_janus_processor().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(params=BACKENDS, scope="module")
 def any_backend(request) -> Backend:
+    if request.param == "janus":
+        return load_backend(f"janus:{request.getfixturevalue('janus_folder')}")
     return load_backend(request.param)
+
+
+def test_a_backend_name_loads_the_same_backend(any_backend):
+    """Databases and sidecars store the name: it must round-trip through the registry."""
+    again = load_backend(any_backend.name)
+    assert again.name == any_backend.name
+    assert again.codebook_fingerprint == any_backend.codebook_fingerprint
+    assert again.grid == any_backend.grid
+
+
+def test_the_capabilities_are_declared(any_backend):
+    assert isinstance(any_backend, Backend)
+    assert isinstance(any_backend, FaidCapable)  # every shipped backend takes FAiD; the protocol allows not to
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "argument"),
+    [
+        ("builtin", "builtin", ""),
+        ("builtin:/models/world", "builtin", "/models/world"),
+        ("tiny", "tiny", ""),
+        ("tiny-7", "tiny", "7"),  # the old spelling
+        ("tiny:7", "tiny", "7"),
+        ("deepseek-community/Janus-Pro-1B", "janus", "deepseek-community/Janus-Pro-1B"),  # the old spelling
+        ("janus:deepseek-community/Janus-Pro-1B", "janus", "deepseek-community/Janus-Pro-1B"),
+    ],
+)
+def test_names_parse_to_a_kind_and_argument(name, kind, argument):
+    assert parse_name(name) == (kind, argument)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("gpt-image", "available: builtin"), ("tiny:x", "tiny:SEED"), ("janus:", "janus:ID")]
+)
+def test_bad_names_are_refused_with_what_to_write(name, message):
+    with pytest.raises(ValueError, match=message):
+        load_backend(name)
 
 
 def test_protocol_and_shapes(any_backend):
@@ -52,8 +105,6 @@ def test_encode_is_the_normalised_argmin(any_backend):
 def test_tiny_backends_are_deterministic_per_seed():
     assert tiny_backend(0).codebook_fingerprint == tiny_backend(0).codebook_fingerprint
     assert tiny_backend(0).codebook_fingerprint != tiny_backend(1).codebook_fingerprint
-    with pytest.raises(ValueError, match="unknown backend"):
-        load_backend("gpt-image")
 
 
 def test_cached_decoding_equals_the_full_forward(backend):
@@ -80,3 +131,17 @@ def test_guidance_rows_do_not_change_the_conditional_logits(backend):
 def test_overlong_captions_are_refused_with_the_limit(backend):
     with pytest.raises(ValueError, match="at most 48"):
         backend.start(["x" * 49], guidance_scale=1.0)
+
+
+@torch.no_grad()
+def test_session_steps_equal_teacher_forcing(any_backend):
+    """What a session's steps say, with its cache and guidance layout, is what one teacher-forced pass says:
+    the conditional logits for the prompts, the unconditional ones for guidance's empty prompt."""
+    prompts, total = ["a red cat", "a blue dog on the sofa"], any_backend.grid.size
+    tokens = torch.randint(0, any_backend.codebook_size, (2, total), generator=torch.Generator().manual_seed(0))
+    conditional = any_backend.teacher_forced_logits(prompts, tokens)  # (B, T, V)
+    unconditional = any_backend.teacher_forced_logits(prompts, tokens, torch.ones(2, dtype=torch.bool))
+    session = any_backend.start(prompts, guidance_scale=5.0)
+    steps = [session.step(None)] + [session.step(tokens[:, t].to(any_backend.device)) for t in range(total - 1)]
+    torch.testing.assert_close(torch.stack([s.cond for s in steps], 1), conditional, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack([s.uncond for s in steps], 1), unconditional, rtol=1e-4, atol=1e-4)

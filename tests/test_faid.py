@@ -98,7 +98,7 @@ def random_grids(backend, k: int, seed: int, keep: float = 1.0):
 
 
 def teacher_forced(backend, hooks, tokens, candidates, valid):
-    hooks.begin(tokens.shape[0])
+    hooks.begin()
     hooks.prepare(0, candidates, valid)
     return backend.teacher_forced_logits(PROMPTS, tokens)
 
@@ -126,10 +126,11 @@ def test_step_by_step_decoding_equals_teacher_forcing(faid_backend):
     tokens, candidates, valid = random_grids(backend, k, seed=1, keep=0.8)
     with attached(random_adapter(backend, k=k), backend.faid_target()) as hooks:
         expected = teacher_forced(backend, hooks, tokens, candidates, valid)
-        hooks.begin(2)
+        hooks.begin()
         hooks.prepare(0, candidates, torch.zeros_like(valid))
         unconditional_base = backend.teacher_forced_logits(PROMPTS, tokens, torch.ones(2, dtype=torch.bool))
-        session = backend.start(PROMPTS, guidance_scale=5.0, faid=hooks)
+        session = backend.start(PROMPTS, guidance_scale=5.0)
+        hooks.begin()
         cond, uncond = [], []
         for t in range(total):
             found = Neighbours(
@@ -139,7 +140,8 @@ def test_step_by_step_decoding_equals_teacher_forcing(faid_backend):
                 positions=torch.zeros(2, k, dtype=torch.long),
                 valid=valid[:, t],
             )
-            step = session.step(tokens[:, t - 1] if t else None, found)
+            hooks.prepare_step(t, found)
+            step = session.step(tokens[:, t - 1] if t else None)
             cond.append(step.cond)
             uncond.append(step.uncond)
     torch.testing.assert_close(torch.stack(cond, 1), expected, rtol=1e-4, atol=1e-4)

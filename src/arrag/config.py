@@ -91,5 +91,13 @@ class GenerationConfig:
         if self.num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}")
 
+    @property
+    def uses_daid(self) -> bool:
+        return self.method in ("daid", "faid+daid")
+
+    @property
+    def uses_faid(self) -> bool:
+        return self.method in ("faid", "faid+daid")
+
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

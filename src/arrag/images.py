@@ -153,11 +153,6 @@ class Preprocessing:
         return {"size": self.size, "crop": "centre", "resample": self.resample, "value_range": list(self.value_range)}
 
 
-def center_crop(image: Image.Image, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size``, crop the centre square -> (3, size, size) in [-1, 1]."""
-    return Preprocessing(size)(image)
-
-
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> PIL image."""
     pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

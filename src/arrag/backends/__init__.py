@@ -1,43 +1,78 @@
-"""Image-token generators behind one protocol; :func:`load_backend` picks one by name."""
+"""Image-token generators behind one protocol, loaded by name from a registry of backend kinds.
+
+A name is ``kind`` or ``kind:argument``: ``builtin`` (the shipped model), ``builtin:DIR`` (one trained into DIR),
+``tiny:SEED`` (a small random model for tests), ``janus:ID`` (a Janus-Pro hub id or local folder). A backend's
+``name`` is the name that loads it again. Older names still load: ``tiny``, ``tiny-SEED``, a bare hub id or folder.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from arrag.backends.base import Backend, Session, StepLogits
+from arrag.backends.base import Backend, FaidCapable, Session, StepLogits
 
-__all__ = ["Backend", "BackendRef", "Session", "StepLogits", "load_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendRef", "FaidCapable", "Session", "StepLogits", "load_backend", "parse_name"]
+
+BackendFactory = Callable[[str, torch.device, str], Backend]  # (argument, device, dtype) -> backend
+
+
+def _builtin(argument: str, device: torch.device, dtype: str) -> Backend:
+    from arrag.backends import builtin
+
+    _check_float32("builtin", dtype)
+    return builtin.builtin_backend(Path(argument), device) if argument else builtin.builtin_backend(device=device)
+
+
+def _tiny(argument: str, device: torch.device, dtype: str) -> Backend:
+    from arrag.backends import builtin
+
+    _check_float32("tiny", dtype)
+    if argument and not argument.isdigit():
+        raise ValueError(f"a tiny backend is named tiny:SEED with a whole number SEED, got tiny:{argument}")
+    return builtin.tiny_backend(int(argument or 0), device)
+
+
+def _janus(argument: str, device: torch.device, dtype: str) -> Backend:
+    from arrag.backends.janus import load_janus
+
+    if not argument:
+        raise ValueError("a Janus backend is named janus:ID, with a hub id or a local folder")
+    return load_janus(argument, str(device), dtype)
+
+
+def _check_float32(kind: str, dtype: str) -> None:
+    if dtype != "float32":
+        raise ValueError(f"the {kind} backend runs in float32; the dtype option is for Janus checkpoints")
+
+
+BACKENDS: dict[str, BackendFactory] = {"builtin": _builtin, "tiny": _tiny, "janus": _janus}
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """A backend name -> (kind, argument), old spellings included."""
+    kind, colon, argument = name.partition(":")
+    if kind in BACKENDS and (colon or not argument):
+        return kind, argument
+    legacy_tiny = re.fullmatch(r"tiny-(\d+)", name)
+    if legacy_tiny:
+        return "tiny", legacy_tiny.group(1)
+    if "/" in name or Path(name).exists():  # a hub id (owner/model) or a local folder: Janus
+        return "janus", name
+    kinds = ", ".join(f"{kind}[:ARGUMENT]" for kind in BACKENDS)
+    raise ValueError(
+        f"unknown backend {name!r}; available: {kinds} (builtin, builtin:DIR, tiny:SEED, janus:HUB_ID or janus:DIR)"
+    )
 
 
 def load_backend(name: str, device: str | torch.device = "cpu", dtype: str = "float32") -> Backend:
-    """A backend by name.
-
-    ``builtin`` is the shipped model of the built-in world; ``builtin:DIR`` one trained into DIR
-    (``DIR/tokenizer``, ``DIR/generator``); ``tiny`` / ``tiny-SEED`` a small random model for tests; anything
-    else is a Janus / Janus-Pro checkpoint: a hub id (``deepseek-community/Janus-Pro-1B``) or a local folder.
-    """
-    from arrag.backends import builtin
-
-    match = re.fullmatch(r"tiny(?:-(\d+))?", name)
-    if (match or name == "builtin" or name.startswith("builtin:")) and dtype != "float32":
-        raise ValueError(f"the {name} backend runs in float32; --dtype is for Janus checkpoints")
-    if match:
-        return builtin.tiny_backend(int(match.group(1) or 0), device)
-    if name == "builtin":
-        return builtin.builtin_backend(device=device)
-    if name.startswith("builtin:"):
-        return builtin.builtin_backend(Path(name.removeprefix("builtin:")), device)
-    if "/" in name or Path(name).exists():
-        from arrag.backends.janus import load_janus
-
-        return load_janus(name, str(device), dtype)
-    raise ValueError(
-        f"unknown backend {name!r}; available: builtin, builtin:DIR, tiny, tiny-SEED, or a Janus-Pro hub id or folder"
-    )
+    """The backend a name stands for (see the module docstring), on ``device``; ``dtype`` is for Janus weights."""
+    kind, argument = parse_name(name)
+    return BACKENDS[kind](argument, torch.device(device), dtype)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,11 @@
 
 A backend hides its prompt format, KV cache and classifier-free-guidance batch layout inside a
 :class:`Session`; the loop sees one row per image and receives conditional and unconditional logits.
+FAiD's needs are a separate, optional protocol (:class:`FaidCapable`): a backend without it still generates,
+with or without DAiD.
+
+A backend's ``name`` is its registry name (:func:`arrag.backends.load_backend`): ``kind`` or ``kind:argument``,
+such that ``load_backend(backend.name)`` loads the same model. Databases and sidecars store it; it must round-trip.
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ from arrag.images import Preprocessing
 from arrag.retrieval.grid import Grid
 
 if TYPE_CHECKING:
-    from arrag.faid.attach import FaidHooks, FaidTarget
-    from arrag.retrieval.neighbours import Neighbours
+    from arrag.faid.attach import FaidTarget
 
 
 @dataclass
@@ -33,11 +37,8 @@ class StepLogits:
 class Session(Protocol):
     """Decoding state of one batch of prompts (KV cache, CFG layout)."""
 
-    def step(self, previous: torch.Tensor | None, retrieved: Neighbours | None = None) -> StepLogits:
-        """Feed the tokens sampled at the previous step, (B,) or None at the first step; get the next logits.
-
-        ``retrieved`` (B rows × K) feeds a session started with FAiD hooks; None: nothing retrieved this step.
-        """
+    def step(self, previous: torch.Tensor | None) -> StepLogits:
+        """Feed the tokens sampled at the previous step, (B,) or None at the first step; get the next logits."""
         ...
 
 
@@ -45,7 +46,7 @@ class Session(Protocol):
 class Backend(Protocol):
     """A text-to-image generator that emits an R×C grid of VQ tokens in raster order."""
 
-    name: str
+    name: str  # registry name; load_backend(name) loads this model again
     grid: Grid
     codebook_size: int
     cell_dim: int  # size of one codebook vector (and of one encoder latent)
@@ -55,11 +56,7 @@ class Backend(Protocol):
     device: torch.device
     sampling: SamplingConfig  # how this model is meant to be decoded: its authors' settings, or validation's
 
-    def start(self, prompts: Sequence[str], guidance_scale: float, faid: FaidHooks | None = None) -> Session: ...
-
-    def faid_target(self) -> FaidTarget:
-        """The decoder layers and image-token paths a FAiD adapter attaches to."""
-        ...
+    def start(self, prompts: Sequence[str], guidance_scale: float) -> Session: ...
 
     def teacher_forced_logits(
         self, prompts: Sequence[str], tokens: torch.Tensor, unconditional: torch.Tensor | None = None
@@ -87,4 +84,17 @@ class Backend(Protocol):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, R·C) token ids -> (N, 3, H, W) images in [0, 1]."""
+        ...
+
+
+@runtime_checkable
+class FaidCapable(Protocol):
+    """Optional: a backend whose decoder FAiD can attach to.
+
+    FAiD's hooks give retrieved features to the first B rows of every forward of the model, so a session of such
+    a backend must put the B conditional rows first (then guidance's unconditional rows).
+    """
+
+    def faid_target(self) -> FaidTarget:
+        """The decoder layers and image-token paths a FAiD adapter attaches to."""
         ...

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from arrag.backends.base import StepLogits
 from arrag.config import SamplingConfig
-from arrag.faid.attach import FaidHooks, FaidTarget
+from arrag.faid.attach import FaidTarget
 from arrag.images import Preprocessing
 from arrag.models.transformer import (
     ImageTransformer,
@@ -24,22 +24,14 @@ from arrag.models.transformer import (
 from arrag.models.vq import VQConfig, VQModel
 from arrag.retrieval.grid import Grid
 from arrag.retrieval.keys import codebook_fingerprint
-from arrag.retrieval.neighbours import Neighbours
 from arrag.training import CONFIG_FILE, WEIGHTS_FILE
 
 
 class BuiltinSession:
     """Conditional and unconditional rows stacked as halves of one batch, with one KV cache."""
 
-    def __init__(
-        self,
-        model: ImageTransformer,
-        prompts: Sequence[str],
-        guidance: bool,
-        device: torch.device,
-        faid: FaidHooks | None = None,
-    ):
-        self.model, self.faid, self.position = model, faid, 0
+    def __init__(self, model: ImageTransformer, prompts: Sequence[str], guidance: bool, device: torch.device):
+        self.model = model
         self.batch = len(prompts)
         max_len = model.config.max_text_len
         text = encode_captions(list(prompts), max_len)  # (B, L+1)
@@ -48,13 +40,8 @@ class BuiltinSession:
         self.text: torch.Tensor | None = text.to(device)
         self.guidance = guidance
         self.cache = model.new_cache(text.shape[0])
-        if faid is not None:
-            faid.begin(text.shape[0])
 
-    def step(self, previous: torch.Tensor | None, retrieved: Neighbours | None = None) -> StepLogits:
-        if self.faid is not None:
-            self.faid.prepare_step(self.position, retrieved, self.batch)
-        self.position += 1
+    def step(self, previous: torch.Tensor | None) -> StepLogits:
         if previous is None:
             logits = self.model(self.text, None, self.cache)[:, -1]  # (B or 2B, V)
         else:
@@ -94,8 +81,8 @@ class BuiltinBackend:
         self.preprocessing = Preprocessing(self.image_size)  # [-1, 1] centre crops, as the VQ was trained
         self.codebook_fingerprint = codebook_fingerprint(self.vq.codebook.weight)
 
-    def start(self, prompts: Sequence[str], guidance_scale: float, faid: FaidHooks | None = None) -> BuiltinSession:
-        return BuiltinSession(self.transformer, prompts, guidance_scale != 1.0, self.device, faid)
+    def start(self, prompts: Sequence[str], guidance_scale: float) -> BuiltinSession:
+        return BuiltinSession(self.transformer, prompts, guidance_scale != 1.0, self.device)
 
     def faid_target(self) -> FaidTarget:
         model = self.transformer
@@ -173,7 +160,7 @@ def builtin_backend(directory: Path = BUILTIN_DIR, device: str | torch.device = 
             raise FileNotFoundError(
                 f"{directory / part} has no {WEIGHTS_FILE}; train it with arrag train {part} --out {directory / part}"
             )
-    name = "builtin" if directory == BUILTIN_DIR else f"builtin:{directory}"
+    name = "builtin" if directory.resolve() == BUILTIN_DIR else f"builtin:{directory.resolve()}"
     generator = directory / "generator"
     return BuiltinBackend(
         name,
@@ -200,4 +187,4 @@ def tiny_backend(seed: int = 0, device: str | torch.device = "cpu") -> BuiltinBa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer, vq = ImageTransformer(config), VQModel(TINY_VQ)
-    return BuiltinBackend(f"tiny-{seed}", transformer, vq, torch.device(device))
+    return BuiltinBackend(f"tiny:{seed}", transformer, vq, torch.device(device))

@@ -26,13 +26,11 @@ from transformers import AutoProcessor, DynamicCache, JanusForConditionalGenerat
 
 from arrag.backends.base import StepLogits
 from arrag.config import SamplingConfig
-from arrag.faid.attach import FaidHooks, FaidTarget
+from arrag.faid.attach import FaidTarget
 from arrag.images import Preprocessing
 from arrag.retrieval.grid import Grid
 from arrag.retrieval.keys import codebook_fingerprint
-from arrag.retrieval.neighbours import Neighbours
 
-JANUS_DEFAULT_GUIDANCE = 5.0  # transformers' and Janus's default CFG weight
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,7 +50,6 @@ class JanusSession:
         input_ids: torch.Tensor,
         mask: torch.Tensor,
         guidance: bool,
-        faid: FaidHooks | None = None,
     ):
         if not mask[:, -1].all():
             raise ValueError("Janus prompts must be left-padded: the last position of every row must be a real token")
@@ -62,14 +59,8 @@ class JanusSession:
         self.pending = model.get_input_embeddings()(input_ids)  # (B or 2B, L, D)
         self.mask = mask
         self.cache = DynamicCache(config=model.config.get_text_config())
-        self.faid, self.position = faid, 0
-        if faid is not None:
-            faid.begin(input_ids.shape[0])
 
-    def step(self, previous: torch.Tensor | None, retrieved: Neighbours | None = None) -> StepLogits:
-        if self.faid is not None:
-            self.faid.prepare_step(self.position, retrieved, self.batch)
-        self.position += 1
+    def step(self, previous: torch.Tensor | None) -> StepLogits:
         if previous is not None:
             fed = torch.cat([previous, previous]) if self.guidance else previous  # (B or 2B,)
             self.pending = self.model.prepare_embeddings_for_image_generation(fed[:, None])  # (.., 1, D)
@@ -125,9 +116,9 @@ class JanusBackend:
         )
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def start(self, prompts: Sequence[str], guidance_scale: float, faid: FaidHooks | None = None) -> JanusSession:
+    def start(self, prompts: Sequence[str], guidance_scale: float) -> JanusSession:
         input_ids, mask = self.prompt_ids(prompts)
-        return JanusSession(self.model, input_ids, mask, guidance_scale != 1.0, faid)
+        return JanusSession(self.model, input_ids, mask, guidance_scale != 1.0)
 
     def faid_target(self) -> FaidTarget:
         language_model = self.model.model.language_model
@@ -233,6 +224,7 @@ def load_janus(name_or_path: str, device: str = "cpu", dtype: str = "float32") -
         raise FileNotFoundError(
             f"could not load {name_or_path!r}: it is not a local folder and not in the Hugging Face cache, and "
             f"the hub could not be reached ({type(error).__name__}). On a machine with access run "
-            f"`huggingface-cli download {name_or_path} --local-dir DIR`, copy DIR here and pass --backend DIR."
+            f"`huggingface-cli download {name_or_path} --local-dir DIR`, copy DIR here and load the backend janus:DIR."
         ) from error
-    return JanusBackend(model.to(device), processor, name_or_path)
+    name = str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
+    return JanusBackend(model.to(device), processor, f"janus:{name}")

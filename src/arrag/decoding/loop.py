@@ -14,9 +14,9 @@ from typing import Protocol
 
 import torch
 
-from arrag.backends.base import Backend
+from arrag.backends.base import Backend, FaidCapable
 from arrag.config import GenerationConfig
-from arrag.decoding.merge import mix, retrieval_distribution
+from arrag.decoding.merge import retrieve_and_mix
 from arrag.decoding.sampling import apply_guidance, filter_probabilities, sample, to_probabilities
 from arrag.faid.attach import attached
 from arrag.faid.blender import FaidAdapter
@@ -99,11 +99,34 @@ class PatchRetriever:
         return self.database.search(queries, self.k)
 
 
+def _check_request(
+    backend: Backend,
+    prompts: list[str],
+    config: GenerationConfig,
+    database: PatchDatabase | None,
+    faid: FaidAdapter | None,
+    retriever: Retriever | None,
+) -> None:
+    """Raise ValueError, with the fix, for a request the loop cannot serve."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    if any(not prompt.strip() for prompt in prompts):
+        raise ValueError("a prompt is empty; give every image a description")
+    if retriever is not None and config.method != "daid":
+        raise ValueError(f"a retriever's neighbours are merged by DAiD; use method 'daid', not {config.method!r}")
+    if config.method != "none" and database is None and retriever is None:
+        raise ValueError(f"method {config.method!r} needs a patch database (build one with arrag db build)")
+    if config.uses_faid and faid is None:
+        raise ValueError(f"method {config.method!r} needs a FAiD adapter (train one with arrag train faid)")
+    if config.uses_faid and not isinstance(backend, FaidCapable):
+        raise ValueError(f"backend {backend.name!r} does not expose its decoder layers to FAiD; use method 'daid'")
+
+
 @torch.inference_mode()
 def generate(
     backend: Backend,
-    prompts: Sequence[str],
-    config: GenerationConfig,
+    prompts: str | Sequence[str],
+    config: GenerationConfig | None = None,
     database: PatchDatabase | None = None,
     seeds: Sequence[int] | None = None,
     faid: FaidAdapter | None = None,
@@ -112,81 +135,50 @@ def generate(
     """Generate ``num_images_per_prompt`` images for every prompt, optionally with DAiD and/or FAiD.
 
     Row i (prompt i // n, image i % n) samples from its own ``torch.Generator`` seeded ``seeds[i]``
-    (default ``config.seed + i``), so its tokens do not depend on the rest of the batch. With DAiD alone, the
-    search for position t is issued before the model's step t: both need only the tokens before t,
-    and FAISS and torch release the GIL, so they run at the same time. FAiD's step needs the search's
-    result, so it waits for it. ``faid`` is attached to the backend's model for this call only. ``retriever``
-    replaces the patch database search with another source of neighbours for DAiD's merge (e.g. the
-    image-level baseline in :mod:`arrag.evaluation.image_retrieval`).
+    (default ``config.seed + i``), so its tokens do not depend on the rest of the batch. The search for position
+    t is issued before the model's step t: both need only the tokens before t, and FAISS and torch release the
+    GIL, so with DAiD alone they run at the same time; FAiD's blenders need the neighbours in the step, so they
+    wait for them. ``faid`` is attached to the backend's model for this call only. ``retriever`` replaces the
+    patch database search with another source of neighbours for DAiD's merge (e.g. the image-level baseline in
+    :mod:`arrag.evaluation.image_retrieval`).
     """
-    if not prompts:
-        raise ValueError("no prompts given")
-    for prompt in prompts:
-        if not prompt.strip():
-            raise ValueError("a prompt is empty; give every image a description")
-    mixing, blending = config.method in ("daid", "faid+daid"), config.method in ("faid", "faid+daid")
-    if retriever is not None and config.method != "daid":
-        raise ValueError(f"a retriever's neighbours are merged by DAiD; use method 'daid', not {config.method!r}")
-    if (mixing or blending) and database is None and retriever is None:
-        raise ValueError(f"method {config.method!r} needs a patch database (build one with arrag db build)")
-    if blending and faid is None:
-        raise ValueError(f"method {config.method!r} needs a FAiD adapter (train one with arrag train faid)")
+    config = config or GenerationConfig()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    _check_request(backend, prompts, config, database, faid, retriever)
     rows = [prompt for prompt in prompts for _ in range(config.num_images_per_prompt)]
     seeds = list(seeds) if seeds is not None else [config.seed + i for i in range(len(rows))]
     if len(seeds) != len(rows):
         raise ValueError(f"{len(rows)} rows need {len(rows)} seeds, got {len(seeds)}")
-    generators = [torch.Generator(device=backend.device).manual_seed(s) for s in seeds]
-    sampling, total = config.sampling or backend.sampling, backend.grid.size
-    if retriever is None and database is not None and (mixing or blending):
-        k = max(config.retrieval.k if mixing else 0, faid.config.k if blending and faid is not None else 0)
+    if retriever is None and database is not None and config.method != "none":
+        k = max(config.retrieval.k if config.uses_daid else 0, faid.config.k if config.uses_faid else 0)
         retriever = PatchRetriever(backend, database, k, len(rows))
-    records = RetrievalRecords.empty(len(rows), total)
-    tokens = torch.full((len(rows), total), -1, dtype=torch.long)  # (B, T)
+    generators = [torch.Generator(device=backend.device).manual_seed(s) for s in seeds]
+    sampling, retrieval = config.sampling or backend.sampling, config.retrieval if config.uses_daid else None
+    tokens = torch.full((len(rows), backend.grid.size), -1, dtype=torch.long)  # (B, T)
+    records = RetrievalRecords.empty(*tokens.shape)
     with ExitStack() as stack:
-        hooks = stack.enter_context(attached(faid, backend.faid_target())) if blending and faid is not None else None
-        session = (
-            backend.start(rows, sampling.guidance_scale, faid=hooks)
-            if hooks
-            else backend.start(rows, sampling.guidance_scale)
-        )
+        hooks = stack.enter_context(attached(faid, backend.faid_target())) if config.uses_faid else None
+        session = backend.start(rows, sampling.guidance_scale)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         previous: torch.Tensor | None = None
-        for t in range(total):
-            pending: Future[Neighbours] | None = None
-            if retriever is not None and t in retriever.eligible:
-                pending = pool.submit(retriever.search, t)
-            found = pending.result() if pending is not None and blending else None
-            step = session.step(previous, found) if hooks else session.step(previous)
+        for t in range(backend.grid.size):
+            eligible = retriever is not None and t in retriever.eligible
+            pending: Future[Neighbours] | None = pool.submit(retriever.search, t) if eligible else None
+            if hooks is not None:
+                hooks.prepare_step(t, pending.result() if pending is not None else None)
+            step = session.step(previous)
             logits = apply_guidance(step.cond, step.uncond, sampling.guidance_scale)  # (B, V)
             probs = to_probabilities(logits, sampling.temperature)
             if sampling.filter_order == "before_merge":
                 probs = filter_probabilities(probs, sampling.top_k, sampling.top_p)
-            p_retrieved, retrieved, share = None, None, None
-            if pending is not None:
-                found = pending.result()
-                retrieval = config.retrieval
-                weight = retrieval.weight if mixing else 0.0
-                p_retrieved, retrieved = retrieval_distribution(
-                    found.distances[:, : retrieval.k] if mixing else found.distances,
-                    found.tokens[:, : retrieval.k] if mixing else found.tokens,
-                    found.valid[:, : retrieval.k] if mixing else found.valid,
-                    probs.shape[-1],
-                    retrieval.temperature,
-                    retrieval.duplicates,
-                )
-                p_retrieved, retrieved = p_retrieved.to(probs.device), retrieved.to(probs.device)
-                probs = mix(probs, p_retrieved, retrieved, weight)  # (B, V)
-            mixed = probs
+            found = pending.result() if pending is not None else None
+            mixture = retrieve_and_mix(probs, found, retrieval)
+            probs = mixture.probs
             if sampling.filter_order == "after_merge":
                 probs = filter_probabilities(probs, sampling.top_k, sampling.top_p)
             previous = sample(probs, generators)  # (B,)
             if found is not None:
-                chosen = previous[:, None]
-                if mixing:
-                    share = config.retrieval.weight * p_retrieved.gather(-1, chosen) / mixed.gather(-1, chosen)
-                else:  # FAiD alone puts no retrieval probability into the mixture
-                    share = torch.full_like(chosen, float("nan"), dtype=torch.float32)
-                records.record(t, found, previous.cpu(), share[:, 0].cpu(), retrieved.cpu())
+                records.record(t, found, previous.cpu(), mixture.share(previous).cpu(), mixture.found.cpu())
             tokens[:, t] = previous.cpu()
             if retriever is not None:
                 retriever.observe(t, previous)

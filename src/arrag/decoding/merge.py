@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from arrag.config import Duplicates, check_retrieval_parameters
+from arrag.config import Duplicates, RetrievalConfig, check_retrieval_parameters
+from arrag.retrieval.neighbours import Neighbours
 
 
 def retrieval_distribution(
@@ -56,3 +59,42 @@ def mix(p_model: torch.Tensor, p_retrieved: torch.Tensor, found: torch.Tensor, w
     check_retrieval_parameters(weight, 1.0, 1)
     mixed = torch.lerp(p_model, p_retrieved, weight)  # (B, V); exactly p_model at λ = 0
     return torch.where(found[:, None], mixed, p_model)
+
+
+@dataclass
+class Mixture:
+    """One step's distribution to sample from, and how much of it retrieval put there."""
+
+    probs: torch.Tensor  # (B, V) p = (1 − λ)·p_model + λ·p_ret on rows with neighbours, p_model elsewhere
+    retrieved: torch.Tensor | None  # (B, V) λ·p_ret, the retrieval part of p; None when nothing was mixed in
+    found: torch.Tensor  # (B,) bool: rows that had neighbours
+
+    def share(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) chosen tokens -> (B,) the part of each one's probability that came from retrieval, λ·p_ret(x)/p(x);
+        NaN when nothing was mixed in."""
+        if self.retrieved is None:
+            return torch.full(tokens.shape, float("nan"))
+        chosen = tokens[:, None]  # (B, 1)
+        return (self.retrieved.gather(-1, chosen) / self.probs.gather(-1, chosen))[:, 0]
+
+
+def retrieve_and_mix(p_model: torch.Tensor, found: Neighbours | None, retrieval: RetrievalConfig | None) -> Mixture:
+    """DAiD's step: mix the distribution of ``found``'s first k next tokens into ``p_model`` (B, V).
+
+    ``retrieval`` None (FAiD alone) or ``found`` None (a position without a search) leave ``p_model`` as it is.
+    """
+    if found is None:
+        return Mixture(p_model, None, torch.zeros(p_model.shape[0], dtype=torch.bool))
+    if retrieval is None:
+        return Mixture(p_model, None, found.valid.any(dim=-1))
+    k = retrieval.k
+    p_retrieved, rows = retrieval_distribution(
+        found.distances[:, :k],
+        found.tokens[:, :k],
+        found.valid[:, :k],
+        p_model.shape[-1],
+        retrieval.temperature,
+        retrieval.duplicates,
+    )
+    p_retrieved, rows = p_retrieved.to(p_model.device), rows.to(p_model.device)  # (B, V), (B,)
+    return Mixture(mix(p_model, p_retrieved, rows, retrieval.weight), retrieval.weight * p_retrieved, rows)

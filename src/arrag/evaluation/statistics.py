@@ -24,9 +24,6 @@ class Score:
     def __str__(self) -> str:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
-    def overlaps(self, other: Score) -> bool:
-        return self.low <= other.high and other.low <= self.high
-
 
 def category_scores(
     categories: Sequence[str],

@@ -71,7 +71,9 @@ class FaidHooks:
     """An adapter attached to one model; created by :func:`attach`, undone by :meth:`detach`.
 
     Per forward pass the caller says which image positions the last n sequence positions predict
-    (:meth:`prepare`), after :meth:`begin` has reset the per-layer caches for a batch of rows.
+    (:meth:`prepare`), after :meth:`begin` has reset the per-layer caches for a new batch. The retrieved candidates
+    are for the first rows of the model's batch; rows beyond them (the unconditional rows of guidance, which
+    sessions put after the conditional ones) get none.
     """
 
     def __init__(self, adapter: FaidAdapter, target: FaidTarget):
@@ -94,6 +96,7 @@ class FaidHooks:
         self.states: list[torch.Tensor] = []
         self.kernels: list[BlenderKernels] = []
         self.count: int | None = None
+        self.begin()
 
     def _inject_lora(self) -> nn.Module:
         from peft import LoraConfig, LoraModel
@@ -135,10 +138,9 @@ class FaidHooks:
             parameter.requires_grad_(flag)
         self.states, self.kernels, self.count = [], [], None
 
-    def begin(self, rows: int) -> None:
-        """Start a batch of ``rows`` model rows: empty caches, kernels composed once for all its passes."""
-        reference = self.adapter.blenders[0].hop_logits
-        self.states = [reference.new_zeros(rows, self.grid.size + 1, self.adapter.width) for _ in self.layers]
+    def begin(self) -> None:
+        """Start a batch: empty caches (sized by the batch's first forward), kernels composed once for its passes."""
+        self.states = []
         self.kernels = [blender.kernels() for blender in self.adapter.blenders]
 
     def prepare(self, first: int, tokens: torch.Tensor, valid: torch.Tensor) -> None:
@@ -146,37 +148,52 @@ class FaidHooks:
 
         Args:
             first: raster position predicted by the first of them.
-            tokens: (N, n, K) retrieved token ids per model row and position.
-            valid: (N, n, K) False where nothing was retrieved (unconditional rows, ineligible positions).
+            tokens: (B, n, K) retrieved token ids for the first B model rows and each position.
+            valid: (B, n, K) False where nothing was retrieved (ineligible positions, padding).
         """
-        if not self.states:
-            raise RuntimeError("call begin(rows) before prepare()")
+        if not self.kernels:
+            raise RuntimeError("call begin() before prepare()")
         rows, n, k = tokens.shape
-        if valid.shape != tokens.shape or rows != self.states[0].shape[0] or first + n > self.grid.size:
-            raise ValueError(f"tokens {tuple(tokens.shape)} / valid {tuple(valid.shape)} do not fit this batch")
-        device = self.states[0].device
-        self.targets = torch.arange(first, first + n, device=device)  # (n,)
-        embedded = self.target.embed(tokens.reshape(rows, n * k).to(device))  # (N, n·K, D)
-        self.features = embedded.reshape(rows, n, k, -1).to(self.states[0].dtype)
-        self.valid = valid.to(device)
+        if valid.shape != tokens.shape or first + n > self.grid.size:
+            raise ValueError(f"tokens {tuple(tokens.shape)} / valid {tuple(valid.shape)} do not fit this grid")
+        reference = self.adapter.blenders[0].hop_logits
+        self.targets = torch.arange(first, first + n, device=reference.device)  # (n,)
+        embedded = self.target.embed(tokens.reshape(rows, n * k).to(reference.device))  # (B, n·K, D)
+        self.features = embedded.reshape(rows, n, k, -1).to(reference.dtype)
+        self.valid = valid.to(reference.device)
         self.count = n
 
-    def prepare_step(self, position: int, found: Neighbours | None, rows: int) -> None:
-        """One decoding step predicting ``position``: the first ``rows`` model rows get ``found``'s first k
-        neighbours, the rest (unconditional rows) nothing."""
-        total, k = self.states[0].shape[0], self.adapter.config.k
-        tokens = torch.zeros(total, 1, k if found is not None else 1, dtype=torch.long)
-        valid = torch.zeros(tokens.shape, dtype=torch.bool)
-        if found is not None:
-            tokens[:rows, 0, : found.tokens.shape[1]] = found.tokens[:, :k].cpu()
-            valid[:rows, 0, : found.valid.shape[1]] = found.valid[:, :k].cpu()
+    def prepare_step(self, position: int, found: Neighbours | None) -> None:
+        """One decoding step predicting ``position``: the conditional rows get ``found``'s first k neighbours;
+        None: nothing was retrieved for this position."""
+        if found is None:
+            rows, k = 1, 1
+            tokens, valid = torch.zeros(rows, 1, k, dtype=torch.long), torch.zeros(rows, 1, k, dtype=torch.bool)
+        else:
+            k = self.adapter.config.k
+            tokens, valid = found.tokens[:, None, :k].cpu(), found.valid[:, None, :k].cpu()  # (B, 1, ≤k)
         self.prepare(position, tokens, valid)
+
+    def _fit_rows(self, rows: int) -> None:
+        """Size the caches for a batch of ``rows`` model rows on its first forward; pad the candidates of the
+        rows that got none (guidance's unconditional rows) with nothing valid."""
+        if not self.states:
+            reference = self.adapter.blenders[0].hop_logits
+            self.states = [reference.new_zeros(rows, self.grid.size + 1, self.adapter.width) for _ in self.layers]
+        if rows != self.states[0].shape[0] or rows < self.features.shape[0]:
+            raise ValueError(f"a forward of {rows} rows in a batch of {self.states[0].shape[0]} model rows")
+        missing = rows - self.features.shape[0]
+        if missing:
+            self.features = torch.cat([self.features, self.features.new_zeros(missing, *self.features.shape[1:])])
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(missing, *self.valid.shape[1:])])
 
     def _blend(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output):
         if self.count is None:
             raise RuntimeError("a FAiD-augmented layer ran without prepare(): say which positions it predicts")
         normed = args[0] if args else kwargs["hidden_states"]  # (N, S, D) the attention's input
         attended = output[0] if isinstance(output, tuple) else output  # (N, S, D)
+        if index == 0:
+            self._fit_rows(normed.shape[0])
         n, states = self.count, self.states[index]
         query = normed[:, -n:].to(states.dtype)  # (N, n, D)
         cells, has_cell = self.targets - 1, self.targets >= 1

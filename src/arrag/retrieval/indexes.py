@@ -203,10 +203,6 @@ def _refinement(index: faiss.Index) -> faiss.IndexRefine | None:
     return index if isinstance(index, faiss.IndexRefine) else None
 
 
-def needs_training(index: faiss.Index) -> bool:
-    return not index.is_trained
-
-
 def train(index: faiss.Index, config: IndexConfig, sample: np.ndarray, seed: int = 0) -> None:
     """Train ``index`` on (S, D) sample keys; for the codebook PQ only the IVF coarse quantizer is trained."""
     nlist = config.nlist
