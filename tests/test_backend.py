@@ -145,3 +145,24 @@ def test_session_steps_equal_teacher_forcing(any_backend):
     steps = [session.step(None)] + [session.step(tokens[:, t].to(any_backend.device)) for t in range(total - 1)]
     torch.testing.assert_close(torch.stack([s.cond for s in steps], 1), conditional, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.stack([s.uncond for s in steps], 1), unconditional, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_torch_cannot_use_is_refused_in_one_line():
+    for device, message in (("cuda", "not available to this torch"), ("gpu7", "not a device torch knows")):
+        with pytest.raises(ValueError, match=message):
+            load_backend("tiny", device)
+
+
+def test_the_janus_backend_without_transformers_names_the_extra():
+    """In a Python where transformers cannot be imported, the registry says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "from arrag.backends import load_backend\n"
+        "try:\n    load_backend('janus:some/model')\nexcept ValueError as error:\n    print(error)\n"
+    )
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 'pip install "arrag[janus]"' in printed

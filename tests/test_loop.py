@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from arrag.config import GenerationConfig, RetrievalConfig, SamplingConfig
-from arrag.decoding.loop import generate
+from arrag.decoding.loop import generate, generate_in_batches
 
 PROMPTS = ["a red 7", "two blue cats", "a 3 left of a 5", "green"]
 
@@ -126,3 +126,43 @@ def test_a_request_without_sampling_uses_the_backends_own(backend):
     default = generate(backend, PROMPTS[:2], GenerationConfig(seed=3))
     assert torch.equal(implicit.tokens, explicit.tokens)
     assert not torch.equal(implicit.tokens, default.tokens)  # top-1 differs from sampling the full distribution
+
+
+def test_a_single_prompt_string_and_the_default_config_are_accepted(backend):
+    """A string is one prompt, not a list of characters; the config defaults to the model alone."""
+    out = generate(backend, "a red 7")
+    assert out.prompts == ["a red 7"]
+    assert torch.equal(out.tokens, generate(backend, ["a red 7"], GenerationConfig()).tokens)
+
+
+def test_k_beyond_the_database_searches_all_of_it(backend, database):
+    """A k of a billion neither allocates for a billion neighbours nor changes the result of searching everything."""
+    huge = generate(backend, PROMPTS[:2], daid(0.5, k=10**9, duplicates="sum"), database)
+    everything = generate(backend, PROMPTS[:2], daid(0.5, k=len(database), duplicates="sum"), database)
+    assert torch.equal(huge.tokens, everything.tokens)
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_allocated(backend):
+    with pytest.raises(ValueError, match="generate fewer at a time"):
+        generate(backend, ["a red 7"], GenerationConfig(num_images_per_prompt=10**9))
+
+
+def test_batches_give_the_images_of_one_call(backend, database):
+    config = GenerationConfig(
+        method="daid", retrieval=RetrievalConfig(weight=0.5, k=32), num_images_per_prompt=2, seed=4
+    )
+    whole = generate(backend, PROMPTS[:3], config, database)
+    done = []
+    batches = list(generate_in_batches(backend, PROMPTS[:3], config, database, batch_size=4, progress=done.append))
+    assert [len(b.prompts) for b in batches] == [4, 2]
+    assert torch.equal(torch.cat([b.tokens for b in batches]), whole.tokens)
+    assert [seed for b in batches for seed in b.seeds] == whole.seeds == list(range(4, 10))
+    assert sum(done) == pytest.approx(6.0)  # the progress of every image, position by position
+
+
+def test_batches_of_a_huge_request_come_one_at_a_time(backend):
+    """A billion images are never listed up front: the first batch arrives after its own work only."""
+    batches = generate_in_batches(backend, "a red 7", GenerationConfig(num_images_per_prompt=10**9), batch_size=2)
+    first = next(batches)
+    assert first.seeds == [0, 1]
+    assert torch.equal(first.tokens, generate(backend, ["a red 7"] * 2, GenerationConfig()).tokens)

@@ -16,7 +16,17 @@ import torch
 
 from arrag.backends.base import Backend, FaidCapable, Session, StepLogits
 
-__all__ = ["BACKENDS", "Backend", "BackendRef", "FaidCapable", "Session", "StepLogits", "load_backend", "parse_name"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendRef",
+    "FaidCapable",
+    "Session",
+    "StepLogits",
+    "load_backend",
+    "parse_name",
+    "usable_device",
+]
 
 BackendFactory = Callable[[str, torch.device, str], Backend]  # (argument, device, dtype) -> backend
 
@@ -38,10 +48,15 @@ def _tiny(argument: str, device: torch.device, dtype: str) -> Backend:
 
 
 def _janus(argument: str, device: torch.device, dtype: str) -> Backend:
-    from arrag.backends.janus import load_janus
-
     if not argument:
         raise ValueError("a Janus backend is named janus:ID, with a hub id or a local folder")
+    try:
+        from arrag.backends.janus import load_janus
+    except ImportError as error:
+        raise ValueError(
+            f'the Janus backend needs {error.name or "transformers"}: pip install "arrag[janus]"'
+        ) from None
+
     return load_janus(argument, str(device), dtype)
 
 
@@ -72,7 +87,21 @@ def parse_name(name: str) -> tuple[str, str]:
 def load_backend(name: str, device: str | torch.device = "cpu", dtype: str = "float32") -> Backend:
     """The backend a name stands for (see the module docstring), on ``device``; ``dtype`` is for Janus weights."""
     kind, argument = parse_name(name)
-    return BACKENDS[kind](argument, torch.device(device), dtype)
+    return BACKENDS[kind](argument, usable_device(device), dtype)
+
+
+def usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, or ValueError saying why this torch cannot run on it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{device!r} is not a device torch knows (cpu, cuda, cuda:1, mps): {error}") from None
+    backends = {"cuda": torch.cuda, "mps": torch.backends.mps}
+    if device.type in backends and not backends[device.type].is_available():
+        raise ValueError(f"device {str(device)!r} is not available to this torch ({torch.__version__}); use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,12 @@ class FaidCapable(Protocol):
     def faid_target(self) -> FaidTarget:
         """The decoder layers and image-token paths a FAiD adapter attaches to."""
         ...
+
+
+@runtime_checkable
+class MemoryEstimating(Protocol):
+    """Optional: a backend that can say how much memory a session holds, so a batch that cannot fit is refused."""
+
+    def session_bytes(self, rows: int, guidance: bool) -> int:
+        """About how many bytes a session of ``rows`` images holds on the backend's device (its KV cache)."""
+        ...

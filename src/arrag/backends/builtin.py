@@ -84,6 +84,12 @@ class BuiltinBackend:
     def start(self, prompts: Sequence[str], guidance_scale: float) -> BuiltinSession:
         return BuiltinSession(self.transformer, prompts, guidance_scale != 1.0, self.device)
 
+    def session_bytes(self, rows: int, guidance: bool) -> int:
+        config = self.transformer.config
+        model_rows = rows * (2 if guidance else 1)
+        per_row = 2 * config.layers * config.max_len * config.width  # keys and values, every layer and position
+        return model_rows * (per_row + config.codebook_size) * self.transformer.head.weight.element_size()
+
     def faid_target(self) -> FaidTarget:
         model = self.transformer
         return FaidTarget(

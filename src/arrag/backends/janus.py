@@ -31,6 +31,7 @@ from arrag.images import Preprocessing
 from arrag.retrieval.grid import Grid
 from arrag.retrieval.keys import codebook_fingerprint
 
+PROMPT_ALLOWANCE = 256  # prompt tokens a memory estimate allows for: templated prompts are far shorter
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -119,6 +120,13 @@ class JanusBackend:
     def start(self, prompts: Sequence[str], guidance_scale: float) -> JanusSession:
         input_ids, mask = self.prompt_ids(prompts)
         return JanusSession(self.model, input_ids, mask, guidance_scale != 1.0)
+
+    def session_bytes(self, rows: int, guidance: bool) -> int:
+        text = self.model.config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        positions = PROMPT_ALLOWANCE + self.grid.size
+        per_row = 2 * text.num_hidden_layers * positions * text.num_key_value_heads * head_dim  # keys and values
+        return rows * (2 if guidance else 1) * per_row * next(self.model.parameters()).element_size()
 
     def faid_target(self) -> FaidTarget:
         language_model = self.model.model.language_model

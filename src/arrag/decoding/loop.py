@@ -6,15 +6,17 @@ Shapes: B rows (prompts × images per prompt), T = R·C positions, V codebook si
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Protocol
 
 import torch
 
-from arrag.backends.base import Backend, FaidCapable
+from arrag.backends.base import Backend, FaidCapable, MemoryEstimating
 from arrag.config import GenerationConfig
 from arrag.decoding.merge import retrieve_and_mix
 from arrag.decoding.sampling import apply_guidance, filter_probabilities, sample, to_probabilities
@@ -85,7 +87,11 @@ class PatchRetriever:
 
     def __init__(self, backend: Backend, database: PatchDatabase, k: int, rows: int):
         database.check_backend(backend)
-        self.backend, self.database, self.k = backend, database, k
+        if not len(database):
+            raise ValueError("the patch database is empty; add images to it with arrag db add")
+        if k > len(database):
+            logger.warning("k = %d is more than the database's %d entries: searching all of them", k, len(database))
+        self.backend, self.database, self.k = backend, database, min(k, len(database))
         self.eligible = set(database.positions.tolist())
         # Queries always use codebook vectors: generated tokens have no encoder latents.
         self.cell_vectors = torch.zeros(rows, backend.grid.size, backend.cell_dim)  # (B, T, d)
@@ -122,6 +128,30 @@ def _check_request(
         raise ValueError(f"backend {backend.name!r} does not expose its decoder layers to FAiD; use method 'daid'")
 
 
+def _check_memory(backend: Backend, rows: int, guidance: bool) -> None:
+    """Refuse a batch whose session would not fit in the memory free on the backend's device."""
+    if not isinstance(backend, MemoryEstimating):
+        return
+    needed, free = backend.session_bytes(rows, guidance), available_bytes(backend.device)
+    if needed > free:
+        raise ValueError(
+            f"{rows} images at once need about {needed / 2**30:.1f} GiB for the model's cache and "
+            f"{free / 2**30:.1f} GiB are free; generate fewer at a time (batch_size)"
+        )
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new allocations on ``device`` (for the CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the pages the system reports
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 @torch.inference_mode()
 def generate(
     backend: Backend,
@@ -131,6 +161,7 @@ def generate(
     seeds: Sequence[int] | None = None,
     faid: FaidAdapter | None = None,
     retriever: Retriever | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> GenerationOutput:
     """Generate ``num_images_per_prompt`` images for every prompt, optionally with DAiD and/or FAiD.
 
@@ -140,11 +171,13 @@ def generate(
     GIL, so with DAiD alone they run at the same time; FAiD's blenders need the neighbours in the step, so they
     wait for them. ``faid`` is attached to the backend's model for this call only. ``retriever`` replaces the
     patch database search with another source of neighbours for DAiD's merge (e.g. the image-level baseline in
-    :mod:`arrag.evaluation.image_retrieval`).
+    :mod:`arrag.evaluation.image_retrieval`). ``on_step`` is called after every position (for progress bars).
     """
     config = config or GenerationConfig()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_request(backend, prompts, config, database, faid, retriever)
+    sampling, retrieval = config.sampling or backend.sampling, config.retrieval if config.uses_daid else None
+    _check_memory(backend, len(prompts) * config.num_images_per_prompt, sampling.guidance_scale != 1.0)
     rows = [prompt for prompt in prompts for _ in range(config.num_images_per_prompt)]
     seeds = list(seeds) if seeds is not None else [config.seed + i for i in range(len(rows))]
     if len(seeds) != len(rows):
@@ -153,7 +186,6 @@ def generate(
         k = max(config.retrieval.k if config.uses_daid else 0, faid.config.k if config.uses_faid else 0)
         retriever = PatchRetriever(backend, database, k, len(rows))
     generators = [torch.Generator(device=backend.device).manual_seed(s) for s in seeds]
-    sampling, retrieval = config.sampling or backend.sampling, config.retrieval if config.uses_daid else None
     tokens = torch.full((len(rows), backend.grid.size), -1, dtype=torch.long)  # (B, T)
     records = RetrievalRecords.empty(*tokens.shape)
     with ExitStack() as stack:
@@ -182,5 +214,35 @@ def generate(
             tokens[:, t] = previous.cpu()
             if retriever is not None:
                 retriever.observe(t, previous)
+            if on_step is not None:
+                on_step()
     images = backend.decode(tokens).cpu()  # (B, 3, H, W)
     return GenerationOutput(rows, seeds, tokens, images, records)
+
+
+def generate_in_batches(
+    backend: Backend,
+    prompts: str | Sequence[str],
+    config: GenerationConfig | None = None,
+    database: PatchDatabase | None = None,
+    faid: FaidAdapter | None = None,
+    batch_size: int = 16,
+    progress: Callable[[float], None] | None = None,
+) -> Iterator[GenerationOutput]:
+    """:func:`generate`'s images ``batch_size`` rows at a time, each batch as soon as it is done.
+
+    The images are those of one call (row i is seeded ``config.seed + i`` either way), in memory bounded by the
+    batch: a caller can write every batch out before the next begins. ``progress`` gets the images done since
+    its last call (fractions of a batch, position by position).
+    """
+    config = config or GenerationConfig()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    _check_request(backend, prompts, config, database, faid, None)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n, single = config.num_images_per_prompt, replace(config, num_images_per_prompt=1)
+    for start in range(0, len(prompts) * n, batch_size):
+        batch = [prompts[row // n] for row in range(start, min(start + batch_size, len(prompts) * n))]
+        seeds = [config.seed + start + i for i in range(len(batch))]
+        step = None if progress is None else partial(progress, len(batch) / backend.grid.size)
+        yield generate(backend, batch, single, database, seeds, faid, on_step=step)
