@@ -12,11 +12,11 @@ from PIL import Image
 
 from arrag.build import BuildConfig, add_to_database, build_database
 from arrag.build.sources import SourceConfig
-from arrag.build.stages import STATE_DIR
 from arrag.retrieval import indexes
 from arrag.retrieval.database import PatchDatabase
 from arrag.retrieval.grid import Neighbourhood
 from arrag.retrieval.indexes import IndexConfig
+from arrag.retrieval.layout import STATE_DIR
 from conftest import blob_images, database_from_images
 
 
@@ -115,7 +115,7 @@ def test_kill_and_resume_gives_the_entries_of_an_uninterrupted_build(backend, fo
         with pytest.raises(KeyboardInterrupt):
             build_database(backend, [folder], out, config, on_shard_done=die)
         assert not (out / "manifest.json").exists()
-        with pytest.raises(FileExistsError, match="--resume"):
+        with pytest.raises(FileExistsError, match="resume=True"):
             build_database(backend, [folder], out, config)
         stamps = {p.name: p.stat().st_mtime_ns for p in (out / "tokens").glob("*.parquet")}
         redone: list[tuple[str, int]] = []
@@ -152,7 +152,7 @@ def test_overwrite_keeps_the_database_until_the_new_build_is_complete(backend, f
 
     with pytest.raises(KeyboardInterrupt):  # a killed --overwrite keeps the old database until it is finished
         build_database(backend, [folder / "part1"], db, config, overwrite=True, on_shard_done=die)
-    with pytest.raises(FileNotFoundError, match="--resume"):
+    with pytest.raises(FileNotFoundError, match="resume=True"):
         PatchDatabase.load(db)
     build_database(backend, [folder / "part1"], db, config, overwrite=True)  # starts again from the old database
     build_database(backend, [folder / "part1"], tmp_path / "part1", config)
@@ -185,7 +185,7 @@ def test_a_database_killed_while_set_aside_or_put_back_is_recovered(backend, fol
     [
         (IndexConfig("nonsense"), "FAISS cannot make"),
         (IndexConfig("Flat", search_params="nprobe=4"), "do not apply"),
-        (IndexConfig("IVF4096,Flat", train_size=1000), "--train-size"),
+        (IndexConfig("IVF4096,Flat", train_size=1000), "train_size"),
     ],
 )
 def test_bad_index_settings_fail_before_anything_is_read_or_removed(backend, folder, tmp_path, index, error):
@@ -462,7 +462,7 @@ def test_an_interrupted_add_resumes_to_the_same_database(backend, folder, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         add_to_database(backend, [folder / "part1"], tmp_path / "grown", config, on_shard_done=die)
     assert PatchDatabase.load(tmp_path / "grown").num_images == 5  # the database before the add still loads
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="resume=True"):
         add_to_database(backend, [folder / "part1"], tmp_path / "grown", config)
     add_to_database(backend, [folder / "part1"], tmp_path / "grown", config, resume=True)
     names = sorted(p.name for p in (tmp_path / "grown").iterdir())  # no leftovers: one inverted-list file

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from arrag.build.sources import ShardSpec, SourceConfig, plan_shards, read_shard
+from arrag.build.sources import ShardSpec, SourceConfig, plan_shards, read_shard, source_kind, source_schemes
 from conftest import blob_images
 
 
@@ -122,6 +122,29 @@ def test_world_scenes_are_those_of_the_world_database(backend):
     prompts, pixels = list(world_database_scenes(backend, 130))[1]
     assert [item.name for item in items] == [f"world-database-scene-{100 + i}: {p.text}" for i, p in enumerate(prompts)]
     assert np.array_equal(np.stack([backend.preprocess(item.image) for item in items]), pixels.numpy())
+
+
+def test_the_world_source_is_found_through_the_registry():
+    from arrag.world.source import WORLD
+
+    assert "world" in source_schemes()
+    assert source_kind("world") is WORLD
+    assert [shard.kind for shard in plan_shards(["world:250"]).shards] == ["world"] * 3
+
+
+def test_an_unknown_scheme_is_refused_with_the_known_ones_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown source scheme 'nosuch'; known schemes: .*world") as refused:
+        plan_shards([tmp_path, "nosuch:3"])
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ValueError, match="unknown source scheme 'nosuch'"):  # a shard of it, read in a worker
+        list(read_shard(ShardSpec(0, "nosuch")))
+
+
+def test_a_file_whose_name_looks_like_a_scheme_is_read_as_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blob_images(1)[0].save("photo:1.png")
+    (shard,) = plan_shards(["photo:1.png"]).shards
+    assert shard.items == ("photo:1.png",)
 
 
 def test_a_missing_input_is_an_error(tmp_path):

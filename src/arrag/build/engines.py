@@ -146,7 +146,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as error:
         raise ValueError(
-            f"no Ray cluster answers at {address} ({error}); start one there with `ray start --head` or check --address"
+            f"no Ray cluster answers at {address} ({error}); start one there with `ray start --head` or check address"
         ) from None
 
 
@@ -154,7 +154,7 @@ def make_engine(name: EngineName, address: str | None = None) -> LocalEngine | R
     """``local`` or ``ray`` (an embedded Ray, or the cluster at ``address``)."""
     if name == "local":
         if address is not None:
-            raise ValueError("--address is for the ray engine")
+            raise ValueError("address is for the ray engine")
         return LocalEngine()
     if name == "ray":
         try:

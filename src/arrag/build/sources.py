@@ -1,21 +1,24 @@
 """Where database images come from, planned into shards and read one shard at a time.
 
 Inputs are image files, folders (searched recursively for images, ``.tar`` WebDataset shards and
-``.parquet`` files), and ``world:N`` — the built-in world's first N database scenes. :func:`plan_shards`
-turns them into a list of :class:`ShardSpec` (plain JSON, so an interrupted build resumes from exactly the
-same plan); :func:`read_shard` yields every item of one shard decoded to RGB, or the reason it could not be.
-Nothing here raises on one bad file.
+``.parquet`` files), and sources named ``SCHEME:ARGUMENT``: kinds of input that packages register under
+their scheme in the ``arrag.sources`` entry-point group (:class:`SourceKind`; arrag's own built-in world
+registers ``world:N``, its first N database scenes). :func:`plan_shards` turns inputs into a list of
+:class:`ShardSpec` (plain JSON, so an interrupted build resumes from exactly the same plan);
+:func:`read_shard` yields every item of one shard decoded to RGB, or the reason it could not be. Nothing
+here raises on one bad file.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image
 
@@ -23,12 +26,12 @@ from arrag.images import IMAGE_SUFFIXES, ImageReadError, drop_duplicate_files, f
 
 logger = logging.getLogger(__name__)
 
-ShardKind = Literal["files", "tar", "parquet", "world"]
+SOURCE_GROUP = "arrag.sources"  # the entry-point group in which packages register source kinds by scheme
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")  # first one present is read
 NAME_COLUMNS = ("__key__", "key", "path", "url", "file_name", "filename", "id")
-_WORLD = re.compile(r"world:(\d+)")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -53,16 +56,23 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One unit of work: a list of image files, a tar file, a Parquet row group or a batch of world scenes."""
+    """One unit of work: a list of image files, a tar file, a Parquet row group, or a part of a source.
+
+    ``kind`` is ``files``, ``tar``, ``parquet`` or the scheme of the source the shard belongs to.
+    """
 
     index: int
-    kind: ShardKind
+    kind: str
     location: str = ""  # tar or Parquet file
     items: tuple[str, ...] = ()  # image files
-    start: int = 0  # Parquet row group; first world scene
-    count: int = 0  # world scenes
+    start: int = 0  # Parquet row group; a source's first item
+    count: int = 0  # a source's items
     image_column: str | None = None
     name_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.index < 0 or not self.kind:
+            raise ValueError(f"a shard needs a kind and an index >= 0, got {self.kind!r} and {self.index}")
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "items": list(self.items)}
@@ -81,34 +91,77 @@ class Item:
     error: str = ""
 
 
-@dataclass
-class Plan:
+@dataclass(frozen=True)
+class SourcePlan:
     """Shards to read, and the input files that were passed over with the reason."""
 
-    shards: list[ShardSpec] = field(default_factory=list)
-    ignored: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    shards: list[ShardSpec]
+    ignored: list[dict[str, str]]  # {"path", "reason"}
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A kind of input named ``SCHEME:ARGUMENT``, registered under its scheme in the ``arrag.sources``
+    entry-point group, e.g. ``world = "arrag.world.source:WORLD"``.
+
+    Attributes:
+        plan: (argument, number of its first shard) -> its shards, numbered on from there, whose ``kind`` is
+            the scheme (how :func:`read_shard` finds ``read`` again, in any process).
+        read: one of those shards -> its items, decoded or with the reason they could not be.
+    """
+
+    plan: Callable[[str, int], list[ShardSpec]]
+    read: Callable[[ShardSpec], Iterator[Item]]
+
+
+def source_schemes() -> list[str]:
+    """The schemes of the registered source kinds."""
+    return sorted({point.name for point in entry_points(group=SOURCE_GROUP)})
+
+
+@functools.cache
+def source_kind(scheme: str) -> SourceKind:
+    """The source kind registered for ``scheme``."""
+    points = entry_points(group=SOURCE_GROUP, name=scheme)
+    if not points:
+        raise ValueError(f"unknown source scheme {scheme!r}; known schemes: {', '.join(source_schemes()) or 'none'}")
+    kind = next(iter(points)).load()
+    if not isinstance(kind, SourceKind):
+        raise TypeError(f"the {SOURCE_GROUP} entry point {scheme!r} is a {type(kind).__name__}, not a SourceKind")
+    return kind
+
+
+def _source(raw: str) -> tuple[str, str] | None:
+    """(scheme, argument) of an input that names a source rather than a file."""
+    match = _SCHEME.fullmatch(raw)
+    if match is None or (Path(raw).exists() and match.group(1) not in source_schemes()):
+        return None
+    return match.group(1), match.group(2)
 
 
 def _has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
     return path.name.lower().endswith(tuple(suffixes))
 
 
-def plan_shards(inputs: Sequence[str | Path], config: SourceConfig = SourceConfig(), first_index: int = 0) -> Plan:
+def plan_shards(
+    inputs: Sequence[str | Path], config: SourceConfig = SourceConfig(), first_index: int = 0
+) -> SourcePlan:
     """Split ``inputs`` into shards numbered from ``first_index``, in a deterministic order.
 
     Loose image files come first (in input order; folders sorted), in shards of ``config.shard_size``; then
-    one shard per tar file and per Parquet row group; then the world's scenes. Files in folders that are
-    none of these are ignored and listed; a file named directly is always tried as an image. Folders are
-    searched through symlinks; a file reached more than once (given twice, in nested folders given both,
-    through symlinks) is read once, where it first came.
+    one shard per tar file and per Parquet row group; then the sources' shards, in input order. Files in
+    folders that are none of these are ignored and listed; a file named directly is always tried as an
+    image. Folders are searched through symlinks; a file reached more than once (given twice, in nested
+    folders given both, through symlinks) is read once, where it first came.
     """
     files: list[Path] = []
     named: set[Path] = set()  # given directly, so tried as an image whatever its name
-    worlds: list[int] = []
+    sources: list[tuple[str, str]] = []
     for raw in inputs:
-        match = _WORLD.fullmatch(str(raw))
-        if match:
-            worlds.append(int(match.group(1)))
+        source = _source(str(raw))
+        if source is not None:
+            source_kind(source[0])  # an unknown scheme fails before any folder is searched
+            sources.append(source)
             continue
         path = Path(raw)
         if path.is_dir():
@@ -117,23 +170,24 @@ def plan_shards(inputs: Sequence[str | Path], config: SourceConfig = SourceConfi
             files.append(path)
             named.add(path)
         else:
-            raise FileNotFoundError(f"{raw} does not exist (inputs are image files, folders or world:N)")
+            schemes = ", ".join(source_schemes())
+            raise FileNotFoundError(
+                f"{raw} does not exist (inputs are image files, folders or SCHEME:ARGUMENT sources; schemes: {schemes})"
+            )
     images: list[Path] = []
     containers: list[Path] = []
-    plan = Plan()
+    shards: list[ShardSpec] = []
+    ignored: list[dict[str, str]] = []
     for path in drop_duplicate_files(files):
         if _has_suffix(path, TAR_SUFFIXES + PARQUET_SUFFIXES):
             containers.append(path)
         elif path in named or path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(path)
         else:
-            plan.ignored.append({"path": str(path), "reason": "not an image, tar or Parquet file name"})
-    index = first_index
+            ignored.append({"path": str(path), "reason": "not an image, tar or Parquet file name"})
 
     def add(**fields: object) -> None:
-        nonlocal index
-        plan.shards.append(ShardSpec(index=index, **fields))  # type: ignore[arg-type]
-        index += 1
+        shards.append(ShardSpec(index=first_index + len(shards), **fields))  # type: ignore[arg-type]
 
     for start in range(0, len(images), config.shard_size):
         add(kind="files", items=tuple(str(p) for p in images[start : start + config.shard_size]))
@@ -144,7 +198,7 @@ def plan_shards(inputs: Sequence[str | Path], config: SourceConfig = SourceConfi
         try:
             groups = _parquet_file(container).metadata.num_row_groups
         except Exception as error:  # pyarrow raises several types for damaged files
-            plan.ignored.append({"path": str(container), "reason": f"unreadable Parquet file: {error}"})
+            ignored.append({"path": str(container), "reason": f"unreadable Parquet file: {error}"})
             continue
         for group in range(groups):
             add(
@@ -154,19 +208,19 @@ def plan_shards(inputs: Sequence[str | Path], config: SourceConfig = SourceConfi
                 image_column=config.image_column,
                 name_column=config.name_column,
             )
-    if worlds:
-        from arrag.world.database import SCENE_BATCH  # the world's scenes are seeded per batch of SCENE_BATCH
-
-    for scenes in worlds:
-        for start in range(0, scenes, SCENE_BATCH):
-            add(kind="world", start=start, count=min(SCENE_BATCH, scenes - start))
-    return plan
+    for scheme, argument in sources:
+        first = first_index + len(shards)
+        planned = source_kind(scheme).plan(argument, first)
+        if [(shard.index, shard.kind) for shard in planned] != [(first + i, scheme) for i in range(len(planned))]:
+            raise ValueError(f"the {scheme}: source must number its shards on from {first}, of kind {scheme!r}")
+        shards += planned
+    return SourcePlan(shards, ignored)
 
 
 def read_shard(shard: ShardSpec) -> Iterator[Item]:
     """Every item of ``shard``, decoded or with the reason it could not be; never raises for bad data."""
-    readers = {"files": _read_files, "tar": _read_tar, "parquet": _read_parquet, "world": _read_world}
-    yield from readers[shard.kind](shard)
+    readers = {"files": _read_files, "tar": _read_tar, "parquet": _read_parquet}
+    yield from (readers[shard.kind] if shard.kind in readers else source_kind(shard.kind).read)(shard)
 
 
 def _decoded(name: str, data: bytes | Path) -> Item:
@@ -237,11 +291,3 @@ def _read_parquet(shard: ShardSpec) -> Iterator[Item]:
             yield Item(name, error=f"column {image_column!r} holds {type(data).__name__}, not image bytes")
         else:
             yield _decoded(name, data)
-
-
-def _read_world(shard: ShardSpec) -> Iterator[Item]:
-    from arrag.world.database import world_scene_name, world_scenes
-
-    prompts, images = world_scenes(shard.start, shard.count)
-    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
-        yield Item(world_scene_name(shard.start + i, prompt), Image.fromarray(image))

@@ -1,12 +1,13 @@
 """The stages of a database build, each a function over one shard that writes its result atomically.
 
-    read/decode ─▶ tokenize (batched) ─▶ token shard (Parquet)      :func:`tokenize_shard`
-    token shard ─▶ keys ─▶ index shard (FAISS file)                    :func:`index_shard`
+    read/decode ─▶ tokenize (batched) ─▶ token shard (Parquet)      :func:`tokenize_shard` -> TokenizedShard
+    token shard ─▶ keys ─▶ index shard (FAISS file)                    :func:`index_shard` -> IndexedShard
 
-A shard's output file appears under its final name only when complete, and the tokenize stage writes a
-small JSON record after its Parquet file, so a build killed at any point knows exactly which shards are
-done. Both build engines call these functions; :class:`TokenizeStage` and :class:`IndexStage` wrap them
-with what a worker loads once (the tokenizer; the trained empty index).
+A shard's output file appears under its final name only when complete (:func:`write_atomically`), and the
+tokenize stage writes its record after its Parquet file, so a build killed at any point knows exactly
+which shards are done. Both build engines call these functions; :class:`TokenizeStage` and
+:class:`IndexStage` wrap them with what a worker loads once (the tokenizer; the trained empty index), and
+take and give the engines' JSON-able dicts.
 
 Shapes: N images, R·C cells per token grid, d code size.
 """
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Self
 
 import faiss
 import numpy as np
@@ -29,38 +29,63 @@ import torch
 from arrag.backends import Backend, BackendRef
 from arrag.build.sources import Item, ShardSpec, read_shard
 from arrag.retrieval import indexes
-from arrag.retrieval.database import STATE_DIR, DatabaseSpec, make_entries
+from arrag.retrieval.database import DatabaseSpec, make_entries
 from arrag.retrieval.indexes import IndexConfig
 from arrag.retrieval.keys import KeySource
+from arrag.retrieval.layout import DatabaseLayout, write_atomically, write_json
 
 logger = logging.getLogger(__name__)
 
-TOKENS_DIR = "tokens"
+
+class _Record:
+    """A frozen dataclass of JSON values: what a stage takes or gives, and what its record files hold."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        return cls(**data)
 
 
-def token_file(index: int) -> str:
-    """Path of shard ``index``'s token file, relative to the database folder."""
-    return f"{TOKENS_DIR}/shard-{index:06d}.parquet"
+@dataclass(frozen=True)
+class TokenizedShard(_Record):
+    """What the tokenize stage made of a shard (``DB/build/tokenized/NNNNNN.json``)."""
+
+    shard: int
+    file: str  # the token file, relative to the database folder
+    images: int  # tokenized
+    skipped: list[dict[str, str]]  # {"path", "reason"}: items that could not be read
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if self.shard < 0 or self.images < 0:
+            raise ValueError(f"a tokenized shard needs a shard number and an image count >= 0, got {self}")
+
+    @classmethod
+    def read(cls, path: Path) -> TokenizedShard:
+        return cls.from_dict(json.loads(path.read_text()))
 
 
-def tokenized_record(directory: Path, index: int) -> Path:
-    return directory / STATE_DIR / "tokenized" / f"{index:06d}.json"
+@dataclass(frozen=True)
+class IndexTask(_Record):
+    """What the index stage is asked: the entries of a token shard whose first image has id ``first_image``."""
+
+    shard: int
+    first_image: int
+
+    def __post_init__(self) -> None:
+        if self.shard < 0 or self.first_image < 0:
+            raise ValueError(f"an index task needs a shard number and a first image >= 0, got {self}")
 
 
-def index_shard_file(directory: Path, index: int) -> Path:
-    return directory / STATE_DIR / "index" / f"shard-{index:06d}.faiss"
+@dataclass(frozen=True)
+class IndexedShard(_Record):
+    """What the index stage made of a token shard."""
 
-
-def write_atomically(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` and move the result to ``path``: readers see all of it or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: object) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+    shard: int
+    entries: int
+    seconds: float
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,6 +148,10 @@ class TokenizeJob:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
+    @property
+    def layout(self) -> DatabaseLayout:
+        return DatabaseLayout(self.directory)
+
 
 def _batches(items: Iterator[Item], size: int, skipped: list[dict[str, str]]) -> Iterator[list[Item]]:
     """Decoded items in lists of ``size``; items without an image go to ``skipped``."""
@@ -150,13 +179,10 @@ def tokenize_batch(backend: Backend, pixels: torch.Tensor, key_source: KeySource
 
 
 @torch.no_grad()
-def tokenize_shard(shard: ShardSpec, backend: Backend, job: TokenizeJob) -> dict:
-    """Decode, preprocess and tokenize every image of ``shard``; write its token shard and its record.
-
-    Returns the record: shard index, token file, images tokenized, skipped items with reasons, seconds.
-    """
+def tokenize_shard(shard: ShardSpec, backend: Backend, job: TokenizeJob) -> TokenizedShard:
+    """Decode, preprocess and tokenize every image of ``shard``; write its token shard, then its record."""
     start = time.perf_counter()
-    directory = Path(job.directory)
+    layout = job.layout
     names: list[str] = []
     tokens: list[np.ndarray] = []
     latents: list[np.ndarray] = []
@@ -170,15 +196,10 @@ def tokenize_shard(shard: ShardSpec, backend: Backend, job: TokenizeJob) -> dict
         names += [item.name for item in batch]
     grid = np.concatenate(tokens) if tokens else np.zeros((0, backend.grid.size), dtype=np.int64)
     cells = np.concatenate(latents) if latents else np.zeros((0, backend.grid.size, backend.cell_dim), np.float32)
-    write_token_shard(directory / token_file(shard.index), names, grid, cells if job.key_source == "latents" else None)
-    record = {
-        "shard": shard.index,
-        "file": token_file(shard.index),
-        "images": len(names),
-        "skipped": skipped,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    write_json(tokenized_record(directory, shard.index), record)
+    write_token_shard(layout.token_shard(shard.index), names, grid, cells if job.key_source == "latents" else None)
+    seconds = round(time.perf_counter() - start, 3)
+    record = TokenizedShard(shard.index, layout.token_file(shard.index), len(names), skipped, seconds)
+    write_json(layout.tokenized(shard.index), record.to_dict())
     return record
 
 
@@ -197,7 +218,7 @@ class TokenizeStage:
         return self.backend
 
     def __call__(self, backend: Backend, task: dict) -> dict:
-        return tokenize_shard(ShardSpec.from_dict(task), backend, self.job)
+        return tokenize_shard(ShardSpec.from_dict(task), backend, self.job).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,6 +236,10 @@ class IndexJob:
     codes: np.ndarray | None = None  # (V, d) code vectors of every token (keys.code_table), for codebook keys
     chunk_images: int = 512  # images turned into keys at a time: bounds memory
 
+    @property
+    def layout(self) -> DatabaseLayout:
+        return DatabaseLayout(self.directory)
+
     def cell_vectors(self, shard: TokenShard, start: int, stop: int) -> torch.Tensor:
         """(n, R·C, d) the vectors keys of images ``start:stop`` of ``shard`` are made of."""
         if self.spec.key_source == "latents":
@@ -230,18 +255,17 @@ def shard_entries(job: IndexJob, shard: TokenShard, first_image: int) -> Iterato
         yield make_entries(job.spec, tokens, job.cell_vectors(shard, start, stop), first_image + start)
 
 
-def index_shard(task: dict, template: faiss.Index, job: IndexJob) -> dict:
-    """Add the entries of token shard ``task["shard"]`` (first image id ``task["first_image"]``) to a copy of
-    the trained empty ``template`` and write it as an index shard."""
+def index_shard(task: IndexTask, template: faiss.Index, job: IndexJob) -> IndexedShard:
+    """Add the entries of the task's token shard to a copy of the trained empty ``template`` and write it as
+    an index shard."""
     start = time.perf_counter()
-    directory = Path(job.directory)
-    shard = read_token_shard(directory / token_file(task["shard"]), job.spec.cell_dim, ("tokens", "latents"))
+    layout = job.layout
+    shard = read_token_shard(layout.token_shard(task.shard), job.spec.cell_dim, ("tokens", "latents"))
     index = indexes.shard_template(template)
-    for entries in shard_entries(job, shard, task["first_image"]):
+    for entries in shard_entries(job, shard, task.first_image):
         indexes.add_entries(index, job.index, entries.keys, entries.ids, entries.cells)
-    path = index_shard_file(directory, task["shard"])
-    write_atomically(path, lambda tmp: faiss.write_index(index, str(tmp)))
-    return {"shard": task["shard"], "entries": int(index.ntotal), "seconds": round(time.perf_counter() - start, 3)}
+    write_atomically(layout.index_shard(task.shard), lambda tmp: faiss.write_index(index, str(tmp)))
+    return IndexedShard(task.shard, int(index.ntotal), round(time.perf_counter() - start, 3))
 
 
 @dataclass(frozen=True)
@@ -256,4 +280,4 @@ class IndexStage:
         return indexes.read_index(Path(self.job.template))
 
     def __call__(self, template: faiss.Index, task: dict) -> dict:
-        return index_shard(task, template, self.job)
+        return index_shard(IndexTask.from_dict(task), template, self.job).to_dict()

@@ -19,10 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -32,18 +31,15 @@ from arrag.retrieval import indexes
 from arrag.retrieval.grid import Grid, Neighbourhood
 from arrag.retrieval.indexes import IndexConfig
 from arrag.retrieval.keys import KEY_SOURCES, KeySource, key_dim, patch_keys
+from arrag.retrieval.layout import NEXT_TOKENS_FILE, DatabaseLayout, write_atomically, write_json
 from arrag.retrieval.neighbours import Neighbours
+
+if TYPE_CHECKING:
+    from arrag.backends.base import Backend
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2  # 2: entry numbers (1: ids packed image, position and token)
-MANIFEST_FILE = "manifest.json"
-INDEX_FILE = "index.faiss"
-SOURCES_FILE = "sources.json"
-NEXT_TOKENS_FILE = "next-tokens.npy"
-TEMPLATE_FILE = "trained.faiss"  # the empty trained index: what `arrag db add` adds shards to
-STATE_DIR = "build"  # in-progress state of a build or add; removed when the database is complete
-PLAN_FILE = "plan.json"  # in STATE_DIR: what the build or add in progress does
 
 
 class DatabaseMismatchError(ValueError):
@@ -79,7 +75,7 @@ class DatabaseSpec:
 
     @classmethod
     def for_backend(
-        cls, backend: Any, neighbourhood: Neighbourhood | None = None, key_source: KeySource = "codebook"
+        cls, backend: Backend, neighbourhood: Neighbourhood | None = None, key_source: KeySource = "codebook"
     ) -> DatabaseSpec:
         """The spec of a database made with ``backend``'s tokenizer (any :class:`arrag.backends.Backend`)."""
         return cls(
@@ -314,7 +310,7 @@ class PatchDatabase:
         indexes.set_search_params(self.index, params)
         self.index_config = IndexConfig(**{**self.index_config.to_dict(), "search_params": params})
 
-    def check_backend(self, backend: Any) -> None:
+    def check_backend(self, backend: Backend) -> None:
         """Raise :class:`DatabaseMismatchError` unless this database's tokens are ``backend``'s tokens."""
         self.spec.check_serves(DatabaseSpec.for_backend(backend, self.spec.neighbourhood, self.spec.key_source))
 
@@ -362,37 +358,32 @@ class PatchDatabase:
 
         An index with on-disk inverted lists must already have its ``.ivfdata`` file in ``directory``.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, directory / INDEX_FILE)
+        layout = DatabaseLayout(directory)
+        layout.root.mkdir(parents=True, exist_ok=True)
+        write_atomically(layout.index, lambda tmp: faiss.write_index(self.index, str(tmp)))
         if self.next_tokens is None:
-            (directory / NEXT_TOKENS_FILE).unlink(missing_ok=True)
+            layout.next_tokens.unlink(missing_ok=True)
         else:
-            tmp = directory / (NEXT_TOKENS_FILE + ".tmp")
-            with open(tmp, "wb") as file:
-                np.save(file, self.next_tokens)
-            os.replace(tmp, directory / NEXT_TOKENS_FILE)
-        _write_json(directory / SOURCES_FILE, self.sources)
-        _write_json(directory / MANIFEST_FILE, self.manifest())
+            write_atomically(layout.next_tokens, lambda tmp: _save_array(tmp, self.next_tokens))
+        write_json(layout.sources, self.sources)
+        write_json(layout.manifest, self.manifest())
         logger.info("saved %d entries from %d images to %s", len(self), self.num_images, directory)
-        return directory
+        return layout.root
 
     @classmethod
     def load(cls, directory: str | Path, expect: DatabaseSpec | None = None) -> PatchDatabase:
         """Load a saved database; with ``expect``, refuse one whose tokens mean something else."""
-        directory = Path(directory)
+        layout = DatabaseLayout(directory)
         manifest = read_manifest(directory)
         spec = DatabaseSpec.from_dict(manifest["spec"])
         if expect is not None:
             spec.check_serves(expect)
-        index = indexes.read_index(directory / INDEX_FILE)
-        sources = json.loads((directory / SOURCES_FILE).read_text())
+        index = indexes.read_index(layout.index)
+        sources = json.loads(layout.sources.read_text())
         counts = manifest["counts"]
         if index.ntotal != counts["entries"] or len(sources) != counts["images"]:
             raise ValueError(
-                f"{directory}: index holds {index.ntotal} entries of {len(sources)} images, the manifest "
+                f"{layout.root}: index holds {index.ntotal} entries of {len(sources)} images, the manifest "
                 f"says {counts['entries']} of {counts['images']}; the database is damaged, build it again"
             )
         return cls(
@@ -402,36 +393,37 @@ class PatchDatabase:
             IndexConfig.from_dict(manifest["index"]),
             token_shards=manifest.get("token_shards", []),
             preprocessing=manifest.get("preprocessing", {}),
-            next_tokens=load_next_tokens(directory),
+            next_tokens=load_next_tokens(layout.root),
         )
 
 
 def load_next_tokens(directory: Path) -> np.ndarray | None:
     """A saved database's next-token array, memory-mapped (paged in as searches need it); None if it has none."""
-    path = directory / NEXT_TOKENS_FILE
+    path = DatabaseLayout(directory).next_tokens
     return np.load(path, mmap_mode="r") if path.exists() else None
 
 
 def index_bytes(directory: str | Path) -> int:
     """Bytes a saved database's search structures take on disk: the index file, its on-disk inverted lists
     and the next-token array."""
-    directory = Path(directory)
-    paths = [directory / INDEX_FILE, *directory.glob(NEXT_TOKENS_FILE), *directory.glob("*.ivfdata")]
+    layout = DatabaseLayout(directory)
+    paths = [layout.index, *layout.ivfdata_files()]
+    if layout.next_tokens.exists():
+        paths.append(layout.next_tokens)
     return sum(path.stat().st_size for path in paths)
 
 
 def read_manifest(directory: str | Path) -> dict:
     """Read and check a database manifest."""
-    path = Path(directory) / MANIFEST_FILE
-    if not path.is_file() and (Path(directory) / STATE_DIR / PLAN_FILE).is_file():
+    layout = DatabaseLayout(directory)
+    path = layout.manifest
+    if not path.is_file() and layout.plan.is_file():
         raise FileNotFoundError(
-            f"{directory} holds an unfinished build; finish it by running the same arrag db build command with "
-            "--resume, or start again with --overwrite"
+            f"{directory} holds an unfinished build; finish it by building again with the same inputs and "
+            "resume=True, or start again with overwrite=True"
         )
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{directory} is not a patch database (no {MANIFEST_FILE}); build one with arrag db build"
-        )
+        raise FileNotFoundError(f"{directory} is not a patch database (no {path.name}); build one with arrag db build")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -446,7 +438,6 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as file:  # np.save given a name not ending in .npy would add the suffix
+        np.save(file, array)
