@@ -20,6 +20,7 @@ from arrag.config import GenerationConfig
 from arrag.decoding.loop import generate
 from arrag.evaluation.quality import EfficientNetLite0Features, QualityConfig
 from arrag.images import read_metadata, to_pil
+from arrag.metadata import settings_of
 
 REPO = Path(__file__).parents[1]
 SHARED = Path(os.environ.get("ARRAG_SHARED_BENCHMARKS", REPO.parent / "shared" / "benchmarks"))
@@ -61,7 +62,7 @@ def test_geneval_writes_the_layout_genevals_scorer_reads(backend, tmp_path):
     metadata = read_metadata(tmp_path / "00001" / "samples" / "0001.png")
     assert metadata["prompt"] == json.loads(lines[1])["prompt"]
     assert metadata["seed"] == 7 + 1 * 2 + 1  # seed + line·n + image
-    assert metadata["settings"]["backend"] == backend.name and metadata["settings"]["method"] == "none"
+    assert metadata["backend"] == backend.name and metadata["config"]["method"] == "none"
 
 
 @needs_prompts
@@ -89,8 +90,8 @@ def test_geneval_redoes_an_unfinished_prompt_and_refuses_other_settings(backend,
 def test_geneval_with_daid_records_the_database(backend, database, tmp_path):
     daid = GenerationConfig(method="daid", num_images_per_prompt=1)
     run_geneval(GENEVAL, tmp_path, backend, config(generation=daid, limit=1), database, Path("db-dir"))
-    settings = read_metadata(tmp_path / "00000" / "samples" / "0000.png")["settings"]
-    assert settings["method"] == "daid" and settings["database"] == "db-dir"
+    settings = settings_of(read_metadata(tmp_path / "00000" / "samples" / "0000.png"))
+    assert settings["config"]["method"] == "daid" and settings["database"] == "db-dir"
 
 
 @needs_prompts
@@ -190,3 +191,30 @@ def test_a_janus_backend_fills_dpg_grids_the_same_in_batches_of_padded_prompts(t
     for name in names:
         assert pixels(tmp_path / "batched" / name).shape == (2 * janus.image_size, 2 * janus.image_size, 3)
         np.testing.assert_array_equal(pixels(tmp_path / "batched" / name), pixels(tmp_path / "alone" / name))
+
+
+@needs_prompts
+def test_a_rerun_with_other_settings_is_refused_naming_the_setting_and_the_flag(tmp_path, capsys):
+    argv = ["bench", "dpg", str(DPG), "--out", str(tmp_path), "--backend", "tiny", "--max-prompt-bytes", "48"]
+    assert main([*argv, "--limit", "1"]) == 0
+    assert main([*argv, "--start", "1", "--limit", "1", "--seed", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "config.seed: 0 -> 1" in error and "--out DIR" in error
+    assert main([*argv, "--start", "1", "--limit", "1"]) == 0
+
+
+@needs_prompts
+def test_generate_and_the_benchmarks_write_one_metadata(image_folder, tmp_path):
+    db = tmp_path / "db"
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
+    common = ["--db", str(db), "--num-images", "1", "--seed", "3"]
+    assert main(["generate", "a red 7", *common, "--out", str(tmp_path / "generated")]) == 0
+    argv = ["bench", "geneval", str(GENEVAL), "--out", str(tmp_path / "ge"), "--limit", "1", "--grid", *common]
+    assert main(argv) == 0
+    sidecar = json.loads(next((tmp_path / "generated").glob("*.json")).read_text())
+    sample = read_metadata(tmp_path / "ge" / "00000" / "samples" / "0000.png")
+    assert sidecar.keys() == sample.keys()
+    assert settings_of(sample) == settings_of(sidecar)  # same request, same settings
+    assert len(sample["tokens"]) == len(sample["provenance"]["image_ids"]) == 64
+    grid = read_metadata(tmp_path / "ge" / "00000" / "grid.png")
+    assert grid["seeds"] == [3] and settings_of(grid) == settings_of(sample)

@@ -65,7 +65,7 @@ def test_generate_writes_pngs_with_every_parameter(image_folder, tmp_path):
     sidecar = json.loads(pngs[3].with_suffix(".json").read_text())
     assert sidecar["prompt"] == "two cats"
     assert sidecar["seed"] == 8
-    assert sidecar["backend"] == "tiny-0"
+    assert sidecar["backend"] == "tiny:0"  # the name that loads the backend again
     assert sidecar["config"]["method"] == "daid"
     assert sidecar["config"]["retrieval"] == {"weight": 0.4, "temperature": 0.5, "k": 8, "duplicates": "nearest"}
     assert sidecar["config"]["sampling"]["guidance_scale"] == 5.0
@@ -101,12 +101,12 @@ def test_bad_input_exits_2_with_a_message(argv, message, capsys):
 
 def test_a_database_of_another_tokenizer_is_refused(image_folder, tmp_path, capsys):
     db = tmp_path / "db"
-    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny-1"]) == 0
-    assert main(["generate", "a cat", "--db", str(db), "--backend", "tiny-0", "--out", str(tmp_path / "o")]) == 2
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny:1"]) == 0
+    assert main(["generate", "a cat", "--db", str(db), "--backend", "tiny:0", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "codebook fingerprint" in err
-    assert "tiny-1" in err
-    assert "tiny-0" in err
+    assert "tiny:1" in err
+    assert "tiny:0" in err
 
 
 def test_a_folder_without_images_is_an_error(tmp_path, capsys):
@@ -152,14 +152,15 @@ def test_python_dash_m_runs_the_cli():
 
 def test_sampling_options_override_the_backends_own_and_zero_turns_a_filter_off():
     from arrag.backends.builtin import tiny_backend
-    from arrag.cli import _generation_config, build_parser
+    from arrag.cli import build_parser
+    from arrag.cli.options import generation_config
     from arrag.config import SamplingConfig
 
     backend = tiny_backend(seed=0)
     backend.sampling = SamplingConfig(guidance_scale=3.0, temperature=0.9, top_k=20, top_p=0.95)
     parse = build_parser().parse_args
-    assert _generation_config(parse(["generate", "a 7"]), backend).sampling == backend.sampling
-    changed = _generation_config(parse(["generate", "a 7", "--guidance-scale", "6", "--top-k", "0"]), backend)
+    assert generation_config(parse(["generate", "a 7"]), backend).sampling == backend.sampling
+    changed = generation_config(parse(["generate", "a 7", "--guidance-scale", "6", "--top-k", "0"]), backend)
     assert changed.sampling == SamplingConfig(guidance_scale=6.0, temperature=0.9, top_k=None, top_p=0.95)
 
 
@@ -177,10 +178,99 @@ def test_a_trained_generator_is_decoded_with_the_sampling_recorded_beside_it(tmp
 
 
 def test_sampling_candidates_read_as_guidance_and_optional_top_k(capsys):
-    from arrag.cli import _sampling_candidate
+    from arrag.cli.world import sampling_candidate
     from arrag.config import SamplingConfig
 
-    assert _sampling_candidate("3:20") == SamplingConfig(guidance_scale=3.0, top_k=20)
-    assert _sampling_candidate("5") == SamplingConfig(guidance_scale=5.0)
+    assert sampling_candidate("3:20") == SamplingConfig(guidance_scale=3.0, top_k=20)
+    assert sampling_candidate("5") == SamplingConfig(guidance_scale=5.0)
     assert main(["world", "report", "--part", "sampling", "--candidates", "three"]) == 2
     assert "GUIDANCE:TOP_K" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_verbose_shows_the_traceback_before_the_message_in_either_position(tmp_path, capsys, position):
+    build = ["db", "build", str(tmp_path / "none"), "--out", str(tmp_path / "db"), "--backend", "tiny"]
+    assert main(build) == 2
+    quiet = capsys.readouterr().err
+    assert "Traceback" not in quiet and quiet.count("\n") == 1
+    assert main(["-v", *build] if position == "before" else [*build, "-v"]) == 2
+    loud = capsys.readouterr().err
+    assert "Traceback" in loud and loud.endswith(quiet)  # the traceback, then the same one line
+
+
+def test_global_options_are_read_after_any_subcommand():
+    from arrag.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert not parse(["generate", "a red 7"]).verbose
+    assert parse(["-v", "generate", "a red 7"]).verbose
+    assert parse(["generate", "-v", "a red 7"]).verbose
+    assert parse(["db", "build", "-v", "x", "--out", "y"]).verbose
+    assert parse(["train", "faid", "--out", "x", "--steps", "1", "-v"]).verbose
+
+
+def test_library_errors_are_printed_with_the_flags_that_set_their_arguments(image_folder, tmp_path, capsys):
+    from arrag.cli import CLI_FLAGS, cli_message
+
+    build = ["db", "build", str(image_folder), "--out", str(tmp_path / "db"), "--backend", "tiny"]
+    assert main([*build, "--index", "IVF4,CodebookPQ", "--train-size", "0"]) == 2
+    assert "--train-size must be >= 1" in capsys.readouterr().err
+    assert main([*build, "--index", "IVF4,PQ4x4fs", "--on-disk"]) == 2
+    assert "no --on-disk" in capsys.readouterr().err
+    assert main(["generate", "a 7", "--backend", "tiny", "--dtype", "bfloat16"]) == 2
+    assert "--dtype" in capsys.readouterr().err
+    message = "pass resume=True or overwrite=True, raise train_size, use key_source='codebook' or on_disk=False"
+    assert cli_message(message) == (
+        "pass --resume or --overwrite, raise --train-size, use --key-source codebook or no --on-disk"
+    )
+    assert cli_message("pass backend=DIR; unknown backend; check address; /runs/out=1/address") == (
+        "pass --backend DIR; unknown backend; check --address; /runs/out=1/address"
+    )
+    assert cli_message("--resume and --train-size stay; so do train_sizes and self.address") == (
+        "--resume and --train-size stay; so do train_sizes and self.address"
+    )
+    assert all(flag.removeprefix("no ").startswith("--") for flag in CLI_FLAGS.values())
+
+
+def test_the_training_command_is_the_argv_given_to_main(tmp_path):
+    out = tmp_path / "classifier"
+    argv = ["train", "classifier", "--out", str(out), "--steps", "1"]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["command"] == "arrag " + " ".join(argv)
+
+
+def test_one_name_per_option_and_defaults_from_the_library(capsys):
+    from arrag.cli import build_parser
+    from arrag.evaluation.experiment import EvalConfig
+    from arrag.faid.blender import FaidConfig
+    from arrag.faid.train import FaidSchedule
+
+    parse = build_parser().parse_args
+    faid = parse(["train", "faid", "--out", "x", "--steps", "1"])
+    assert tuple(faid.blender_hops) == FaidConfig().hops and faid.learning_rate == FaidSchedule(1).learning_rate
+    assert parse(["train", "faid", "--out", "x", "--steps", "1", "--learning-rate", "5e-4"]).learning_rate == 5e-4
+    assert parse(["train", "generator", "--out", "x", "--tokenizer", "t", "--learning-rate", "4e-4"]).learning_rate
+    assert parse(["generate", "a 7", "--lambda", "0.2"]).weight == parse(["generate", "a 7", "--weight", "0.2"]).weight
+    for old in (["--lr", "5e-4"], ["--hops", "1"]):
+        with pytest.raises(SystemExit):
+            parse(["train", "faid", "--out", "x", "--steps", "1", *old])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse(["eval", "--help"])
+    assert "test seeds (default: " + " ".join(map(str, EvalConfig().seeds)) in " ".join(capsys.readouterr().out.split())
+
+
+def test_train_faid_for_another_backend_follows_the_faid_recipe(backend, image_folder, tmp_path):
+    import numpy as np
+
+    db, data, out = tmp_path / "db", tmp_path / "data.npz", tmp_path / "adapter"
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
+    tokens = np.random.default_rng(0).integers(0, backend.codebook_size, (6, backend.grid.size))
+    np.savez(data, captions=np.array(["a red 7", "two blue 3s"] * 3), tokens=tokens)
+    argv = ["train", "faid", "--backend", "tiny", "--data", str(data), "--db", str(db), "--out", str(out)]
+    options = ["--steps", "3", "--batch-size", "2", "--k", "4", "--probes", "0", "--blender-hops", "1"]
+    assert main([*argv, *options, "--learning-rate", "5e-4"]) == 0
+    recorded = json.loads((out / "train-config.json").read_text())
+    assert recorded["train"]["learning_rate"] == 5e-4 and recorded["train"]["warmup_steps"] == 1  # 10%, at least 1
+    assert recorded["train"]["checkpoint_every"] == 50 and recorded["faid"]["hops"] == [1]
+    assert recorded["command"].startswith("arrag train faid --backend tiny")

@@ -2,8 +2,8 @@
 
 Reads ``prompts.jsonl`` (one ``{"id", "prompt"}`` per line) and writes ``OUT/<id>.png``, the four images
 tiled without padding, as DPG-Bench's scorer (``compute_dpg_bench.py --resolution H --pic-num 4``) crops
-them. The folder holds nothing else: the scorer reads every file in it. arrag's settings are in each
-PNG's text chunk.
+them. The folder holds nothing else: the scorer reads every file in it. Each PNG's text chunk holds the
+prompt, the four seeds and arrag's settings (:func:`arrag.metadata.grid_metadata`).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class DpgLayout:
         path = self.out / f"{job.key}.png"
         return path if path.exists() else None
 
-    def write(self, job: Job, images: torch.Tensor, metadata: dict) -> None:
+    def write(self, job: Job, images: torch.Tensor, metadata: list[dict], grid: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        save_atomic(tile(images, GRID_COLUMNS), self.out / f"{job.key}.png", metadata)  # (3, 2H, 2W)
+        save_atomic(tile(images, GRID_COLUMNS), self.out / f"{job.key}.png", grid)  # (3, 2H, 2W)
 
 
 def run_dpg(
@@ -55,15 +55,18 @@ def run_dpg(
     backend: Backend,
     config: BenchConfig,
     database: PatchDatabase | None = None,
-    database_path: Path | None = None,
+    database_path: Path | str | None = None,
     faid: FaidAdapter | None = None,
+    faid_name: str | None = None,
 ) -> RunSummary:
-    """Generate the unfinished prompts of ``config``'s shard into ``out`` as 2×2 grids."""
+    """Generate the unfinished prompts of ``config``'s shard into ``out`` as 2×2 grids.
+
+    ``database_path`` and ``faid_name`` name the database and the adapter in the grids' settings.
+    """
     if config.generation.num_images_per_prompt != IMAGES_PER_PROMPT:
         raise ValueError(
             f"DPG-Bench grids hold {IMAGES_PER_PROMPT} images per prompt, "
             f"got num_images_per_prompt={config.generation.num_images_per_prompt}"
         )
-    return run_jobs(
-        read_dpg_prompts(prompts_file), backend, config, DpgLayout(Path(out)), database, database_path, faid
-    )
+    jobs = read_dpg_prompts(prompts_file)
+    return run_jobs(jobs, backend, config, DpgLayout(Path(out)), database, database_path, faid, faid_name)

@@ -58,7 +58,7 @@ def _offline_help() -> str:
     return (
         f"on a machine with internet access, download torch-fidelity's {INCEPTION_FILE} (its URL is "
         "URL_INCEPTION_V3 in torch_fidelity/feature_extractor_inceptionv3.py), then copy it to "
-        f"{cache} or pass --inception-weights FILE; or use --features efficientnet-lite0, which works offline "
+        f"{cache} or pass inception_weights=FILE; or use features='efficientnet-lite0', which works offline "
         "(a Fréchet distance in other features, not FID)"
     )
 

@@ -3,7 +3,7 @@
 Reads GenEval's ``evaluation_metadata.jsonl`` and writes, for the prompt on line i (from 0)::
 
     OUT/<i:05d>/metadata.jsonl      that prompt's JSON line
-    OUT/<i:05d>/samples/0000.png    n images (arrag's settings in each PNG's text chunk)
+    OUT/<i:05d>/samples/0000.png    n images (arrag's metadata in each PNG's text chunk)
     OUT/<i:05d>/grid.png            optional
 
 ``metadata.jsonl`` is written last: a prompt folder is finished once it and all n samples exist.
@@ -50,13 +50,13 @@ class GenEvalLayout:
         done = (self.out / job.key / "metadata.jsonl").exists() and all(path.exists() for path in samples)
         return samples[0] if done else None
 
-    def write(self, job: Job, images: torch.Tensor, metadata: dict) -> None:
+    def write(self, job: Job, images: torch.Tensor, metadata: list[dict], grid: dict) -> None:
         folder = self.out / job.key
         (folder / "samples").mkdir(parents=True, exist_ok=True)
-        for image, path, seed in zip(images, self.samples(job), metadata["seeds"], strict=True):
-            save_atomic(image, path, {**metadata, "seed": seed})
+        for image, path, sample_metadata in zip(images, self.samples(job), metadata, strict=True):
+            save_atomic(image, path, sample_metadata)
         if self.grid:
-            save_atomic(tile(images, math.ceil(math.sqrt(len(images)))), folder / "grid.png", metadata)
+            save_atomic(tile(images, math.ceil(math.sqrt(len(images)))), folder / "grid.png", grid)
         partial = folder / ".metadata.jsonl.partial"
         partial.write_text(json.dumps(job.record) + "\n", encoding="utf-8")
         os.replace(partial, folder / "metadata.jsonl")
@@ -68,11 +68,15 @@ def run_geneval(
     backend: Backend,
     config: BenchConfig,
     database: PatchDatabase | None = None,
-    database_path: Path | None = None,
+    database_path: Path | str | None = None,
     grid: bool = False,
     faid: FaidAdapter | None = None,
+    faid_name: str | None = None,
 ) -> RunSummary:
-    """Generate the unfinished prompts of ``config``'s shard into ``out``, in GenEval's layout."""
+    """Generate the unfinished prompts of ``config``'s shard into ``out``, in GenEval's layout.
+
+    ``database_path`` and ``faid_name`` name the database and the adapter in the images' settings.
+    """
     jobs = read_geneval_prompts(metadata_file)
     layout = GenEvalLayout(Path(out), config.generation.num_images_per_prompt, grid)
-    return run_jobs(jobs, backend, config, layout, database, database_path, faid)
+    return run_jobs(jobs, backend, config, layout, database, database_path, faid, faid_name)

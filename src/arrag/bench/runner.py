@@ -21,12 +21,12 @@ from typing import Protocol
 
 import torch
 
-from arrag import __version__
 from arrag.backends.base import Backend
 from arrag.config import GenerationConfig
 from arrag.decoding.loop import generate
 from arrag.faid.blender import FaidAdapter
 from arrag.images import read_metadata, save_image
+from arrag.metadata import Settings, grid_metadata, image_metadata, settings_of
 from arrag.retrieval.database import PatchDatabase
 
 logger = logging.getLogger(__name__)
@@ -102,27 +102,27 @@ def seeds_for(job: Job, generation: GenerationConfig) -> list[int]:
     return [generation.seed + job.index * n + j for j in range(n)]
 
 
-def settings(backend: Backend, config: BenchConfig, database: Path | None) -> dict[str, object]:
-    """What makes two runs' images comparable: written into every image, checked when resuming."""
-    return {
-        "backend": backend.name,
-        "database": None if database is None else str(database),
-        "max_prompt_bytes": config.max_prompt_bytes,
-        **config.generation.to_dict(),
-    }
-
-
-def check_resumable(finished: Path, expected: dict[str, object]) -> None:
+def check_resumable(finished: Path, expected: Settings) -> None:
     """Refuse to add images to an output folder whose finished images were made with other settings."""
-    found = read_metadata(finished).get("settings", {})
-    expected = json.loads(json.dumps(expected))  # tuples -> lists, as read back
-    differ = sorted(key for key in expected.keys() | found.keys() if found.get(key) != expected.get(key))
+    found, wanted = _flat(settings_of(read_metadata(finished))), _flat(expected.to_dict())
+    differ = sorted(key for key in wanted.keys() | found.keys() if found.get(key) != wanted.get(key))
     if differ:
-        changes = ", ".join(f"{key}: {found.get(key)!r} -> {expected.get(key)!r}" for key in differ)
+        changes = ", ".join(f"{key}: {found.get(key)!r} -> {wanted.get(key)!r}" for key in differ)
         raise ValueError(
             f"{finished} was generated with other settings ({changes}); "
-            "resume with the same settings, or write to another --out folder"
+            "resume with the same settings, or write to another folder (out=DIR)"
         )
+
+
+def _flat(settings: dict, prefix: str = "") -> dict[str, object]:
+    """Nested settings -> {"config.seed": 7, ...}, so that a difference is named by its own key."""
+    flat: dict[str, object] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def save_atomic(image: torch.Tensor, path: Path, metadata: dict) -> None:
@@ -149,8 +149,8 @@ class Layout(Protocol):
         """A finished job's image file (it carries the run's settings); None while the job is unfinished."""
         ...
 
-    def write(self, job: Job, images: torch.Tensor, metadata: dict) -> None:
-        """Store one job's images, (n, 3, H, W) in [0, 1]."""
+    def write(self, job: Job, images: torch.Tensor, metadata: list[dict], grid: dict) -> None:
+        """Store one job's images, (n, 3, H, W) in [0, 1], with each image's metadata and their grid's."""
         ...
 
 
@@ -160,16 +160,22 @@ def run_jobs(
     config: BenchConfig,
     layout: Layout,
     database: PatchDatabase | None = None,
-    database_path: Path | None = None,
+    database_path: Path | str | None = None,
     faid: FaidAdapter | None = None,
+    faid_name: str | None = None,
 ) -> RunSummary:
-    """Generate the images of every unfinished job of the shard and hand them to ``layout``."""
+    """Generate the images of every unfinished job of the shard and hand them to ``layout``.
+
+    ``database_path`` and ``faid_name`` (the adapter's folder, or "shipped") are how the images' settings
+    name the database and the adapter.
+    """
     began = time.perf_counter()
     generation = config.generation
-    common = {"settings": settings(backend, config, database_path), "arrag_version": __version__}
+    database_name = None if database_path is None else str(database_path)
+    settings = Settings(backend.name, generation, database_name, faid_name, config.max_prompt_bytes)
     earlier = next((path for job in jobs if (path := layout.finished(job)) is not None), None)
     if earlier is not None:  # any shard's finished image: the folder holds one run's images only
-        check_resumable(earlier, common["settings"])
+        check_resumable(earlier, settings)
     pending, skipped = [], []
     for job in select(jobs, config):
         (pending if layout.finished(job) is None else skipped).append(job)
@@ -180,7 +186,8 @@ def run_jobs(
         prompts = [clip_prompt(job.prompt, config.max_prompt_bytes) for job in batch]
         output = generate(backend, prompts, generation, database, seeds, faid=faid)
         for i, job in enumerate(batch):
-            metadata = {"prompt": prompts[i], "seeds": seeds[i * n : (i + 1) * n], **common}
-            layout.write(job, output.images[i * n : (i + 1) * n], metadata)
+            rows = range(i * n, (i + 1) * n)
+            metadata = [image_metadata(output, row, settings, database) for row in rows]
+            layout.write(job, output.images[rows.start : rows.stop], metadata, grid_metadata(output, rows, settings))
         logger.info("%d/%d prompts written (%s)", first + len(batch), len(pending), batch[-1].key)
     return RunSummary([job.key for job in pending], [job.key for job in skipped], round(time.perf_counter() - began, 1))

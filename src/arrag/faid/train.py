@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +36,33 @@ logger = logging.getLogger(__name__)
 
 LOSSES_FILE = "losses.jsonl"
 QuerySource = Literal["ground_truth", "sampled"]
+
+
+@dataclass(frozen=True)
+class FaidSchedule:
+    """How long and how fast an adapter trains; :meth:`train_config` adds the rest of FAiD's recipe."""
+
+    steps: int
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    accumulation: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.train_config()  # raises ValueError for values the training loop would refuse
+
+    def train_config(self, bf16: bool = False) -> TrainConfig:
+        """The paper's 10% linear warm-up, then cosine decay; a checkpoint every 50 steps."""
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            warmup_steps=max(1, self.steps // 10),
+            accumulation=self.accumulation,
+            checkpoint_every=50,
+            seed=self.seed,
+            bf16=bf16,
+        )
 
 
 class MemoisedSearch:
@@ -118,7 +146,7 @@ def sample_context(
 ) -> torch.Tensor:
     """(B, T) tokens the model samples at every position given the true tokens before it, without retrieval."""
     batch, total = tokens.shape
-    hooks.begin(batch)
+    hooks.begin()
     hooks.prepare(0, torch.zeros(batch, total, 1, dtype=torch.long), torch.zeros(batch, total, 1, dtype=torch.bool))
     probs = torch.softmax(backend.teacher_forced_logits(prompts, tokens).float(), dim=-1)  # (B, T, V)
     return torch.multinomial(probs.reshape(batch * total, -1).cpu(), 1, generator=generator).view(batch, total)
@@ -174,7 +202,7 @@ def train_faid(
                 context = sample_context(backend, hooks, texts, image, generator)
             candidates, valid = retrievals(backend, search, context)  # (B, T, K) each
             valid &= ~dropped[:, None, None]  # guidance's unconditional rows never see retrieval
-            hooks.begin(len(rows))
+            hooks.begin()
             hooks.prepare(0, candidates, valid)
             logits = backend.teacher_forced_logits(texts, image, dropped)  # (B, T, V)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), image.to(logits.device).reshape(-1))
@@ -202,23 +230,19 @@ def train_faid(
 
 def train_world_faid(
     out: Path,
-    steps: int,
+    schedule: FaidSchedule,
     config: FaidConfig,
-    batch_size: int = 16,
-    learning_rate: float = 1e-3,
-    accumulation: int = 1,
     scenes: int = 5000,
     query_source: QuerySource = "ground_truth",
     caption_dropout: float = 0.1,
     database_dir: Path | None = None,
-    seed: int = 0,
     command: str = "",
     probes: int | None = 16,
 ) -> FaidAdapter:
     """Train the built-in model's FAiD adapter on train-pool scenes with the world's patch database.
 
     The database is made of the database pool's glyphs and the training scenes of the train pool's, so no
-    training image can retrieve itself.
+    training image can retrieve itself. Matmuls run in bfloat16, as in the world's other recipes.
     """
     from arrag.backends import load_backend
     from arrag.world.database import world_database
@@ -230,19 +254,9 @@ def train_world_faid(
     out.mkdir(parents=True, exist_ok=True)
     dataset_path = out / DATASET_FILE
     if not dataset_path.exists():  # made once; a resumed run reuses it
-        captions, tokens = tokenized_scenes(backend.vq, scenes, seed + 100)
+        captions, tokens = tokenized_scenes(backend.vq, scenes, schedule.seed + 100)
         np.savez(dataset_path, captions=np.array(captions), tokens=tokens)
     dataset = np.load(dataset_path)
-    train_config = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        warmup_steps=max(1, steps // 10),  # the paper's 10% linear warm-up
-        accumulation=accumulation,
-        checkpoint_every=50,
-        seed=seed,
-        bf16=True,
-    )
     description = {"command": command, "database": str(database_dir), "scenes": scenes, **WORLD_DESCRIPTION}
     return train_faid(
         backend,
@@ -251,7 +265,7 @@ def train_world_faid(
         database,
         out,
         config,
-        train_config,
+        schedule.train_config(bf16=True),
         query_source,
         caption_dropout,
         description,

@@ -34,7 +34,9 @@ CLASSIFIER_WEIGHTS = ASSETS / "classifier.safetensors"
 
 def load_checker(path: Path = CLASSIFIER_WEIGHTS) -> WorldChecker:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; train it with arrag train classifier --out DIR")
+        raise FileNotFoundError(
+            f"{path} is missing; train it with arrag train classifier (arrag.world.train.train_classifier)"
+        )
     return WorldChecker.load(path)
 
 

@@ -194,7 +194,7 @@ def train_generator(
     torch.manual_seed(seed)
     model = ImageTransformer(config) if init is None else load_transformer(init)
     if init is not None and model.config != config:
-        raise ValueError(f"--init {init} holds a generator of another shape than the recipe's: {model.config}")
+        raise ValueError(f"init={init} holds a generator of another shape than the recipe's: {model.config}")
     model.requires_grad_(True)
     prefix = config.max_text_len + 1
 
