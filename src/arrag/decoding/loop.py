@@ -24,6 +24,7 @@ from arrag.faid.attach import attached
 from arrag.faid.blender import FaidAdapter
 from arrag.retrieval.database import PatchDatabase
 from arrag.retrieval.keys import patch_keys
+from arrag.retrieval.memo import NeighbourMemo
 from arrag.retrieval.neighbours import Neighbours
 
 logger = logging.getLogger(__name__)
@@ -83,26 +84,35 @@ class Retriever(Protocol):
 
 
 class PatchRetriever:
-    """AR-RAG's retrieval: each row's query is made from its own generated tokens, at every step."""
+    """AR-RAG's retrieval: each row's query is made from its own generated tokens, at every step.
 
-    def __init__(self, backend: Backend, database: PatchDatabase, k: int, rows: int):
+    A query is a function of the neighbour tokens alone (queries always use codebook vectors: generated tokens
+    have no encoder latents), so a :class:`NeighbourMemo` answers each distinct context once.
+    """
+
+    def __init__(self, backend: Backend, database: PatchDatabase, k: int, rows: int, memo: NeighbourMemo | None = None):
         database.check_backend(backend)
         if not len(database):
             raise ValueError("the patch database is empty; add images to it with arrag db add")
         if k > len(database):
             logger.warning("k = %d is more than the database's %d entries: searching all of them", k, len(database))
         self.backend, self.database, self.k = backend, database, min(k, len(database))
+        self.memo = memo if memo is not None else NeighbourMemo()
+        spec = database.spec
         self.eligible = set(database.positions.tolist())
-        # Queries always use codebook vectors: generated tokens have no encoder latents.
+        self.cells = torch.as_tensor(spec.neighbourhood.indices(spec.grid))  # (T, n); -1 off the grid
+        self.tokens = torch.full((rows, spec.grid.size + 1), -1, dtype=torch.long)  # (B, T+1); the last: off-grid
         self.cell_vectors = torch.zeros(rows, backend.grid.size, backend.cell_dim)  # (B, T, d)
 
     def observe(self, position: int, tokens: torch.Tensor) -> None:
+        self.tokens[:, position] = tokens.cpu()
         self.cell_vectors[:, position] = self.backend.code_vectors(tokens).float().cpu()
 
     def search(self, position: int) -> Neighbours:
         spec = self.database.spec
+        contexts = self.tokens[:, self.cells[position]]  # (B, n): index -1 reads the off-grid column
         queries = patch_keys(self.cell_vectors, [position], spec.grid, spec.neighbourhood)[:, 0]  # (B, D)
-        return self.database.search(queries, self.k)
+        return self.memo.search(contexts, queries, lambda missing: self.database.search(missing, self.k))
 
 
 def _check_request(
