@@ -3,6 +3,11 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -10,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from arrag.build import BuildConfig, add_to_database, build_database
+from arrag.build import BuildConfig, BuildRunningError, add_to_database, build_database, rollback
 from arrag.build.sources import SourceConfig
 from arrag.retrieval import indexes
 from arrag.retrieval.database import PatchDatabase
@@ -245,6 +250,225 @@ def test_a_failed_add_leaves_the_database_as_it_was(backend, folder, tmp_path):
     same_database(PatchDatabase.load(db), PatchDatabase.load(tmp_path / "whole"))
 
 
+def listing(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def die_in_index(name, record):
+    if name == "index":
+        raise KeyboardInterrupt  # what a kill looks like from inside
+
+
+def test_an_interrupted_overwrite_is_rolled_back_to_the_database_it_replaced(backend, folder, tmp_path):
+    db = tmp_path / "db"
+    build_database(backend, [folder / "part0"], db, SMALL)
+    reference = tmp_path / "reference"
+    shutil.copytree(db, reference)
+    with pytest.raises(KeyboardInterrupt):
+        build_database(backend, [folder / "part1"], db, SMALL, overwrite=True, on_shard_done=die_in_index)
+    kept = f"kept in {db / STATE_DIR / 'previous'} and comes back on rollback()"
+    for refused in (
+        lambda: PatchDatabase.load(db),
+        lambda: build_database(backend, [folder / "part1"], db, SMALL),
+        lambda: add_to_database(backend, [folder / "part2"], db, SMALL),
+    ):
+        with pytest.raises((FileNotFoundError, FileExistsError), match="unfinished build") as error:
+            refused()
+        assert "resume=True" in str(error.value) and "rollback()" in str(error.value) and kept in str(error.value)
+    rollback(db)
+    assert listing(db) == listing(reference)
+    same_database(PatchDatabase.load(db), PatchDatabase.load(reference))
+    with pytest.raises(FileNotFoundError, match="no unfinished build or add to roll back"):
+        rollback(db)
+
+
+def test_an_interrupted_build_or_add_is_rolled_back(backend, folder, tmp_path):
+    db = tmp_path / "db"
+    with pytest.raises(KeyboardInterrupt):
+        build_database(backend, [folder / "part0"], db, SMALL, on_shard_done=die_in_index)
+    with pytest.raises(FileExistsError, match=r"resume=True .*overwrite=True or abandon it with rollback\(\)"):
+        build_database(backend, [folder / "part0"], db, SMALL)
+    rollback(db)
+    assert listing(db) == []  # the folder is left empty, and takes a build again
+    build_database(backend, [folder / "part0"], db, SMALL)
+    reference = tmp_path / "reference"
+    shutil.copytree(db, reference)
+    with pytest.raises(KeyboardInterrupt):
+        add_to_database(backend, [folder / "part1"], db, SMALL, on_shard_done=die_in_index)
+    with pytest.raises(FileExistsError, match=r"unfinished add; .*resume=True .*rollback\(\)"):
+        add_to_database(backend, [folder / "part1"], db, SMALL)
+    rollback(db)
+    assert listing(db) == listing(reference)
+    add_to_database(backend, [folder / "part1"], db, SMALL)
+    build_database(backend, [folder / "part0", folder / "part1"], tmp_path / "whole", SMALL)
+    same_database(PatchDatabase.load(db), PatchDatabase.load(tmp_path / "whole"))
+
+
+def test_a_build_refused_in_training_leaves_the_folder_as_it_found_it(backend, folder, tmp_path):
+    too_many_lists = BuildConfig(sources=SMALL.sources, index=IndexConfig("IVF256,Flat", train_size=1000))
+    fitting = BuildConfig(sources=SMALL.sources, index=IndexConfig("IVF4,Flat", train_size=1000))
+    new, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    for out in (new, empty):  # 5 images give 210 keys: too few for 256 lists, found once they are tokenized
+        with pytest.raises(ValueError, match="needs at least 256 training keys"):
+            build_database(backend, [folder / "part0"], out, too_many_lists)
+        assert out.exists() == (out == empty) and not any(out.iterdir() if out.exists() else [])
+        assert build_database(backend, [folder / "part0"], out, fitting).images_added == 5  # no overwrite=True
+    reference = tmp_path / "reference"
+    shutil.copytree(new, reference)
+    with pytest.raises(ValueError, match="needs at least 256 training keys"):
+        build_database(backend, [folder / "part0"], new, too_many_lists, overwrite=True)
+    assert listing(new) == listing(reference)
+    same_database(PatchDatabase.load(new), PatchDatabase.load(reference))
+
+
+def test_a_build_failing_after_tokenizing_keeps_its_shards_and_says_how_to_go_on(backend, folder, tmp_path):
+    db = tmp_path / "db"
+
+    def fail_in_index(name, record):
+        if name == "index":
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as error:
+        build_database(backend, [folder / "part0"], db, SMALL, on_shard_done=fail_in_index)
+    (note,) = error.value.__notes__
+    assert note == (
+        f"the tokenized shards are kept: {db} holds an unfinished build; finish it with resume=True (the same "
+        "inputs and settings) or abandon it with rollback() (which empties the folder)"
+    )
+    report = build_database(backend, [folder / "part0"], db, SMALL, resume=True)
+    assert report.shards_resumed == 2
+    build_database(backend, [folder / "part0"], tmp_path / "whole", SMALL)
+    same_database(PatchDatabase.load(db), PatchDatabase.load(tmp_path / "whole"))
+
+
+def test_an_add_leaves_out_images_the_database_holds(backend, folder, tmp_path, caplog):
+    db = tmp_path / "db"
+    build_database(backend, [folder / "part0"], db, SMALL)
+    before = {p: p.stat().st_mtime_ns for p in db.rglob("*") if p.is_file()}
+    again = add_to_database(backend, [folder / "part0"], db, SMALL)  # all there: nothing changes
+    assert again.images_added == 0 and again.entries == 0
+    assert sorted(d["path"] for d in again.duplicates) == sorted(str(p) for p in (folder / "part0").glob("img*"))
+    assert {d["reason"] for d in again.duplicates} == {"already in the database"}
+    assert "holds every image of" in caplog.text and "nothing added" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in db.rglob("*") if p.is_file()} == before
+    copies = tmp_path / "copies"  # the same bytes under other names
+    copies.mkdir()
+    for path in sorted((folder / "part0").glob("img*")):
+        shutil.copyfile(path, copies / f"copy-{path.name}")
+    report = add_to_database(backend, [folder / "part1", copies, folder / "part0"], db, SMALL)
+    assert report.images_added == 5
+    reasons = {d["path"]: d["reason"] for d in report.duplicates}
+    assert len(reasons) == 10
+    original = folder / "part0" / "img00.png"
+    assert reasons[str(copies / "copy-img00.png")] == f"the same bytes as {original}, already in the database"
+    assert "10 images are in" in caplog.text
+    build_database(backend, [folder / "part0", folder / "part1"], tmp_path / "whole", SMALL)
+    same_database(PatchDatabase.load(db), PatchDatabase.load(tmp_path / "whole"))
+
+
+def test_the_build_report_keeps_every_run(backend, folder, tmp_path):
+    db = tmp_path / "db"
+    build_database(backend, [folder / "part0"], db, SMALL)
+    add_to_database(backend, [folder / "part1"], db, SMALL)
+    add_to_database(backend, [folder / "part1", folder / "part2"], db, SMALL)
+    saved = json.loads((db / "build-report.json").read_text())
+    runs = saved["runs"]
+    assert [(run["kind"], run["inputs"], run["first_image"]) for run in runs] == [
+        ("build", [str(folder / "part0")], 0),
+        ("add", [str(folder / "part1")], 5),
+        ("add", [str(folder / "part1"), str(folder / "part2")], 10),
+    ]
+    assert [run["images_added"] for run in runs] == [5, 5, 4]
+    assert saved["images_added"] == 14 and saved["entries"] == 14 * 42
+    skipped = sorted(s["path"].rsplit("/", 1)[1] for s in saved["skipped"])  # truncated.jpg: by both adds
+    assert skipped == ["corrupt.png", "text.webp", "truncated.jpg", "truncated.jpg"]
+    assert [len(run["duplicates"]) for run in runs] == [0, 0, 5]  # part1's images, already added
+    assert saved["duplicates"] == runs[2]["duplicates"]
+    build_database(backend, [folder / "part0"], db, SMALL, overwrite=True)  # a new database: a new history
+    assert [run["kind"] for run in json.loads((db / "build-report.json").read_text())["runs"]] == ["build"]
+
+
+def test_a_folder_whose_build_is_running_says_so(backend, folder, tmp_path):
+    db = tmp_path / "db"
+    started, finish = threading.Event(), threading.Event()
+
+    def wait(name, record):
+        started.set()
+        assert finish.wait(60)
+
+    with pytest.raises(KeyboardInterrupt):
+        build_database(backend, [folder / "part0"], db, SMALL, on_shard_done=die_in_index)
+    resumed = threading.Thread(
+        target=build_database,
+        args=(backend, [folder / "part0"], db, SMALL),
+        kwargs={"resume": True, "on_shard_done": wait},
+    )
+    resumed.start()
+    try:
+        assert started.wait(60)
+        for refused in (
+            lambda: PatchDatabase.load(db),
+            lambda: build_database(backend, [folder / "part0"], db, SMALL),
+            lambda: build_database(backend, [folder / "part0"], db, SMALL, resume=True),
+            lambda: add_to_database(backend, [folder / "part1"], db, SMALL),
+            lambda: rollback(db),
+        ):
+            with pytest.raises(BuildRunningError) as error:
+                refused()
+            assert str(error.value) == f"a build is running in {db}; wait for it to finish"
+    finally:
+        finish.set()
+        resumed.join()
+    assert PatchDatabase.load(db).num_images == 5
+
+
+def test_a_build_refused_by_another_process_holding_the_lock(backend, folder, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(BuildRunningError, match="a build is running"):
+            PatchDatabase.load(tmp_path)  # no database yet: its build has just begun
+        with pytest.raises(BuildRunningError, match="a build is running"):
+            build_database(backend, [folder / "part0"], tmp_path, SMALL)
+    finally:
+        holder.communicate("")
+    with pytest.raises(FileNotFoundError, match="not a patch database"):
+        PatchDatabase.load(tmp_path)
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+handle = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_provenance_is_absolute_whatever_folder_the_build_ran_in(backend, folder, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    for path in sorted((folder / "part0").glob("img*")):
+        shutil.copyfile(path, work / "photos" / path.name)
+    with tarfile.open(work / "shard.tar", "w") as archive:
+        archive.add(folder / "part1" / "img01.jpg", arcname="sample/0001.jpg")
+    pq.write_table(pa.table({"png": [(folder / "part2" / "img02.webp").read_bytes()]}), work / "rows.parquet")
+    monkeypatch.chdir(work)
+    build_database(backend, ["photos", "shard.tar", "./rows.parquet", "world:2"], tmp_path / "db", SMALL)
+    monkeypatch.chdir(tmp_path)
+    sources = PatchDatabase.load(tmp_path / "db").sources
+    assert sources[:5] == [str(work / "photos" / p.name) for p in sorted((work / "photos").iterdir())]
+    assert sources[5:7] == [f"{work / 'shard.tar'}::sample/0001.jpg", f"{work / 'rows.parquet'}::0"]
+    assert all(Path(name.split("::")[0]).is_file() for name in sources[:7])
+    assert [name.split(":")[0] for name in sources[7:]] == ["world-database-scene-0", "world-database-scene-1"]
+
+
 def test_fast_scan_lists_are_refused_on_disk():
     with pytest.raises(ValueError, match="on disk"):
         BuildConfig(index=IndexConfig("IVF64,PQ8x4fs", on_disk=True))
@@ -268,7 +492,7 @@ def test_resume_refuses_other_inputs_or_settings(backend, folder, tmp_path):
         build_database(backend, [folder], tmp_path / "db", SMALL, resume=True)
     plan_path.write_text(json.dumps(plan))
     build_database(backend, [folder], tmp_path / "db", SMALL, overwrite=True)
-    with pytest.raises(FileNotFoundError, match="no interrupted build"):
+    with pytest.raises(FileNotFoundError, match="no unfinished build"):
         build_database(backend, [folder], tmp_path / "db", SMALL, resume=True)
 
 

@@ -1,3 +1,4 @@
+import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_a_file_whose_name_looks_like_a_scheme_is_read_as_a_file(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     blob_images(1)[0].save("photo:1.png")
     (shard,) = plan_shards(["photo:1.png"]).shards
-    assert shard.items == ("photo:1.png",)
+    assert shard.items == (str(tmp_path / "photo:1.png"),)
 
 
 def test_a_missing_input_is_an_error(tmp_path):
@@ -187,3 +188,53 @@ def test_an_image_given_several_times_is_read_once(tmp_path, caplog):
     plan = plan_shards(inputs, SourceConfig(shard_size=2))
     assert names_in(plan, tmp_path) == ["images/a.png", "images/b.png", "images/sub/c.png"]
     assert "dropped 5 duplicate input files" in caplog.text
+
+
+def test_webdataset_and_parquet_captions(tmp_path, webdataset_tar):
+    assert [item.caption for item in read_shard(plan_shards([webdataset_tar]).shards[0])] == ["a caption"] * 3 + [None]
+    path = tmp_path / "after.tar"  # the caption after the image, and a sample with none
+    png = encoded(blob_images(1)[0], "PNG")
+    with tarfile.open(path, "w") as archive:
+        add_member(archive, "a.png", png)
+        add_member(archive, "a.txt", "  un chat noir é \n".encode())
+        add_member(archive, "b.png", png)
+    assert [(item.name.rsplit("::", 1)[1], item.caption) for item in read_shard(plan_shards([path]).shards[0])] == [
+        ("a.png", "un chat noir é"),
+        ("b.png", None),
+    ]
+    table = pa.table({"jpg": [encoded(blob_images(1)[0], "JPEG")] * 2, "text": ["a dog", None]})
+    pq.write_table(table, tmp_path / "captioned.parquet")
+    items = list(read_shard(plan_shards([tmp_path / "captioned.parquet"]).shards[0]))
+    assert [item.caption for item in items] == ["a dog", None]
+    assert items[0].sha256 == hashlib.sha256(table.column("jpg")[0].as_py()).hexdigest()
+
+
+def test_world_eval_scenes_are_the_held_out_scenes_captioned_by_their_prompts():
+    from arrag.world.digits import load_pool
+    from arrag.world.report import eval_scenes
+
+    assert "world-eval" in source_schemes()
+    (shard,) = plan_shards(["world-eval:30"], first_index=4).shards
+    assert (shard.index, shard.kind, shard.count) == (4, "world-eval", 30)
+    items = list(read_shard(shard))
+    prompts, images = eval_scenes(30)
+    assert [item.name for item in items] == [f"world-eval-scene-{i}: {p.text}" for i, p in enumerate(prompts)]
+    assert [item.caption for item in items] == [p.text for p in prompts]
+    assert np.array_equal(np.stack([np.asarray(item.image) for item in items]), images)
+    again = [np.asarray(item.image) for item in read_shard(plan_shards(["world-eval:10"]).shards[0])]
+    assert np.array_equal(np.stack(again), images[:10])  # deterministic: world-eval:10 begins world-eval:30
+    database = [item for shard in plan_shards(["world:30"]).shards for item in read_shard(shard)]
+    assert all(item.caption == item.name.split(": ", 1)[1] for item in database)
+    eval_glyphs, database_glyphs = (set(load_pool(pool).source_rows.tolist()) for pool in ("eval", "database"))
+    assert not eval_glyphs & database_glyphs  # drawn from disjoint glyph pools: no scene is in both
+    assert not {np.asarray(item.image).tobytes() for item in database} & {image.tobytes() for image in images}
+    with pytest.raises(ValueError, match="world-eval:ten: the world-eval source takes a number of scenes"):
+        plan_shards(["world-eval:ten"])
+
+
+def test_world_eval_builds_a_database(backend, tmp_path):
+    from arrag.build import build_database
+    from arrag.retrieval.database import PatchDatabase
+
+    assert build_database(backend, ["world-eval:7"], tmp_path / "db").images_added == 7
+    assert PatchDatabase.load(tmp_path / "db").sources[0].startswith("world-eval-scene-0: ")

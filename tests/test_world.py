@@ -159,3 +159,23 @@ def test_the_demo_writes_a_grid_and_a_judged_summary(tmp_path):
         (method, category) for category in ("single_object", "two_object") for method in ("base", "daid", "faid")
     ]
     assert all(isinstance(im["correct"], bool) for im in summary["images"])
+
+
+def test_the_builtin_model_retrieves_from_the_world_database_by_default(backend, tmp_path, caplog):
+    import logging
+
+    from arrag.backends import load_backend
+    from arrag.world.database import default_database, world_database, world_database_dir
+
+    assert default_database(backend, tmp_path / "cache") is None  # another backend has no database of its own
+    assert not (tmp_path / "cache").exists()
+    builtin = load_backend("builtin")
+    directory = world_database_dir(tmp_path / "cache", builtin)
+    with caplog.at_level(logging.INFO, logger="arrag.world.database"):
+        database = default_database(builtin, tmp_path / "cache")  # built on first use
+    assert str(directory) in caplog.text
+    stamp = (directory / "index.faiss").stat().st_mtime_ns
+    assert default_database(builtin, tmp_path / "cache").sources == database.sources  # then loaded
+    assert (directory / "index.faiss").stat().st_mtime_ns == stamp
+    assert database.sources == world_database(builtin, directory).sources  # the database arrag demo uses
+    assert database.num_images == 2000

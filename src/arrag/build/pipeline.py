@@ -13,7 +13,9 @@ A build plans its inputs into shards (:mod:`arrag.build.sources`), writes the pl
 Every shard's output is written atomically, so a build killed at any point and run again with ``resume``
 skips the finished shards and ends with exactly the entries of an uninterrupted build. All of it runs
 inside :mod:`arrag.build.transaction`: one build at a time in a folder, and the folder as it was if the
-build fails. ``DB/build`` is removed when the database is complete.
+build fails (but for tokenized shards worth resuming, which it says), or is abandoned with
+:func:`arrag.build.transaction.rollback`. ``DB/build`` is removed when the database is complete, and
+``DB/build-report.json`` gains the run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -109,10 +112,14 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class BuildReport:
+    """What one build or add did; ``DB/build-report.json`` holds the report of every run (``runs``) and, at
+    its top, their counts and lists all together."""
+
     images_added: int = 0
     entries: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: items that could not be read
     ignored: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: files in folders not read
+    duplicates: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: in the database already
     seconds: float = 0.0
     shards: int = 0
     shards_resumed: int = 0  # shards an earlier, interrupted run had already tokenized
@@ -139,9 +146,12 @@ def build_database(
         inputs: what to read (see :func:`arrag.build.sources.plan_shards`).
         out: the database folder.
         config: index, neighbourhood, engine, ...
-        overwrite: replace a database (or an interrupted build) in ``out``.
-        resume: finish the interrupted build in ``out``: the same inputs and settings, no finished shard redone.
+        overwrite: replace a database (or an unfinished build) in ``out``.
+        resume: finish the unfinished build in ``out``: the same inputs and settings, no finished shard redone.
         on_shard_done: called with (stage name, shard record) after every shard.
+
+    A build that fails leaves ``out`` as it found it, unless it failed after tokenizing while it can be
+    resumed (its error says so); :func:`arrag.build.transaction.rollback` abandons an unfinished build.
     """
     config = config or BuildConfig()
     layout = DatabaseLayout(out)
@@ -150,7 +160,7 @@ def build_database(
         spec = DatabaseSpec.for_backend(loaded, config.neighbourhood, config.key_source)
         inputs = [str(item) for item in inputs]
         if resume:
-            plan = _interrupted(layout, "build", inputs, spec, config)
+            plan = _unfinished(layout, "build", inputs, spec, config)
         else:
             _check_out(layout, overwrite)
             _check_index(spec, config.index, loaded)
@@ -158,7 +168,7 @@ def build_database(
             if overwrite:
                 transaction.set_aside(layout)
             plan = _new_plan(layout, "build", inputs, spec, config, loaded, sources, 0, layout.ivfdata_name(), [])
-        return _run(layout, plan, loaded, backend, config, on_shard_done)
+        return _run(layout, plan, loaded, backend, config, on_shard_done, resume)
 
 
 def add_to_database(
@@ -174,6 +184,8 @@ def add_to_database(
 
     The database's own neighbourhood, key source and trained index are used; of ``config`` only the
     engine, sources and batch size matter. New images get the next ids; entries already there are kept.
+    Images the database holds already (the same source name, or the same bytes) are not added again: the
+    report lists them as ``duplicates``, and an add of nothing new changes nothing.
     """
     layout = DatabaseLayout(directory)
     with transaction.locked(layout, create=False):
@@ -191,11 +203,9 @@ def add_to_database(
         )
         inputs = [str(item) for item in inputs]
         if layout.plan.exists() and not resume:
-            raise FileExistsError(
-                f"{layout.root} holds an interrupted build or add; pass resume=True to finish it first"
-            )
+            raise FileExistsError(layout.unfinished_message())
         if resume:
-            plan = _interrupted(layout, "add", inputs, spec, config)
+            plan = _unfinished(layout, "add", inputs, spec, config)
         else:
             layout.base_index.unlink(missing_ok=True)  # left by an add killed after it completed
             base_shards = manifest.get("token_shards", [])
@@ -204,16 +214,16 @@ def add_to_database(
             first_image = manifest["counts"]["images"]
             ivfdata = layout.ivfdata_name(first_shard)
             plan = _new_plan(layout, "add", inputs, spec, config, loaded, sources, first_image, ivfdata, base_shards)
-        return _run(layout, plan, loaded, backend, config, on_shard_done)
+        return _run(layout, plan, loaded, backend, config, on_shard_done, resume)
 
 
-def _interrupted(
+def _unfinished(
     layout: DatabaseLayout, kind: PlanKind, inputs: list[str], spec: DatabaseSpec, config: BuildConfig
 ) -> BuildPlan:
-    """The plan of the interrupted build or add to resume in ``layout``, checked against the settings now."""
+    """The plan of the unfinished build or add to resume in ``layout``, checked against the settings now."""
     if not layout.plan.exists():
         where = layout.plan.relative_to(layout.root)
-        raise FileNotFoundError(f"{layout.root} holds no interrupted {kind} to resume (no {where})")
+        raise FileNotFoundError(f"{layout.root} holds no unfinished {kind} to resume (no {where})")
     plan = BuildPlan.read(layout.plan)
     plan.check_resumes(kind, inputs, spec, config.index, config.sources)
     return plan
@@ -262,14 +272,12 @@ def _new_plan(
 
 def _check_out(layout: DatabaseLayout, overwrite: bool) -> None:
     """Refuse an ``out`` folder that a new build would clash with, before anything is read or removed."""
-    out, interrupted, holds_database = layout.root, layout.plan.exists(), layout.manifest.exists()
+    out, unfinished, holds_database = layout.root, layout.plan.exists(), layout.manifest.exists()
     if holds_database and not overwrite:
         raise FileExistsError(f"{out} already holds a patch database; choose another folder or pass overwrite=True")
-    if interrupted and not overwrite:
-        raise FileExistsError(
-            f"{out} holds an interrupted build; pass resume=True to finish it or overwrite=True to start again"
-        )
-    if out.is_dir() and any(out.iterdir()) and not holds_database and not interrupted:
+    if unfinished and not overwrite:
+        raise FileExistsError(layout.unfinished_message(restart=True))
+    if out.is_dir() and any(out.iterdir()) and not holds_database and not unfinished:
         raise FileExistsError(f"{out} is not empty and holds no patch database; choose a new or empty folder")
 
 
@@ -296,65 +304,119 @@ def _run(
     backend: Backend | BackendRef,
     config: BuildConfig,
     on_shard_done: ShardCallback | None,
+    resuming: bool,
 ) -> BuildReport:
-    """Run the planned build or add to its end: stages, training, merge; undone if it fails."""
+    """Run the planned build or add to its end: stages, training, merge. If it fails, the folder is left as
+    it was found (as it was, when ``resuming``), or with the tokenized shards, when worth resuming."""
     start = time.perf_counter()
     spec = plan.spec
     resumed = sum(layout.tokenized(shard.index).exists() for shard in plan.shards)
     codes = code_table(loaded) if spec.key_source == "codebook" else None
     stage_seconds: dict[str, float] = {}
-    merging = False
+
+    def report(records: list[TokenizedShard], entries: int, bytes_per_entry: float) -> BuildReport:
+        return BuildReport(
+            images_added=sum(record.images for record in records),
+            entries=entries,
+            skipped=[skip for record in records for skip in record.skipped],
+            ignored=list(plan.ignored),
+            duplicates=[duplicate for record in records for duplicate in record.duplicates],
+            seconds=round(time.perf_counter() - start, 3),
+            shards=len(plan.shards),
+            shards_resumed=resumed,
+            engine=config.engine,
+            index=plan.index.description + (" (on disk)" if plan.index.on_disk else ""),
+            bytes_per_entry=bytes_per_entry,
+            stage_seconds=stage_seconds,
+        )
+
+    step = "tokenize"
     try:
         with make_engine(config.engine, config.address) as engine:
             clock = time.perf_counter()
             tokenizer = loaded if isinstance(engine, LocalEngine) or not isinstance(backend, BackendRef) else backend
-            stage = TokenizeStage(tokenizer, TokenizeJob(str(layout.root), config.batch_size, spec.key_source))
+            job = TokenizeJob(str(layout.root), config.batch_size, spec.key_source, plan.first_image)
+            stage = TokenizeStage(tokenizer, job)
             _run_stage(engine, stage, list(plan.shards), lambda shard: layout.tokenized(shard.index), on_shard_done)
             records = [TokenizedShard.read(layout.tokenized(shard.index)) for shard in plan.shards]
             stage_seconds["tokenize"] = round(time.perf_counter() - clock, 3)
-            images_added = sum(record.images for record in records)
-            skipped = [skip for record in records for skip in record.skipped]
-            if images_added == 0:
-                if plan.kind == "build" and not layout.previous.exists():
-                    transaction.clear_database(layout.root)  # nothing worth resuming was made
+            tokenized = report(records, 0, 0.0)
+            if tokenized.images_added == 0 and tokenized.duplicates:
+                transaction.undo(layout, plan, keep=False)
+                logger.warning("%s holds every image of %s already; nothing added", layout.root, " ".join(plan.inputs))
+                return tokenized
+            if tokenized.images_added == 0:
                 raise ValueError(
-                    f"none of the {len(skipped)} items could be read as an image; see the warnings above"
-                    if skipped
+                    f"none of the {len(tokenized.skipped)} items could be read as an image; see the warnings above"
+                    if tokenized.skipped
                     else f"the inputs hold no images: {', '.join(plan.inputs)}"
                 )
             firsts = np.cumsum([plan.first_image] + [record.images for record in records])[:-1].tolist()
-            clock = time.perf_counter()
+            step, clock = "train", time.perf_counter()
             template = _template(layout, plan, codes, records)
             stage_seconds["train"] = round(time.perf_counter() - clock, 3)
             job = IndexJob(str(layout.root), spec, plan.index, str(template), codes)
             tasks = [IndexTask(r.shard, first) for r, first in zip(records, firsts, strict=True) if r.images]
-            clock = time.perf_counter()
+            step, clock = "index", time.perf_counter()
             _run_stage(engine, IndexStage(job), tasks, lambda task: layout.index_shard(task.shard), on_shard_done)
             stage_seconds["index"] = round(time.perf_counter() - clock, 3)
-        clock = time.perf_counter()
-        merging = True
+        step, clock = "merge", time.perf_counter()
         database = _merge(layout, plan, template, records, firsts)
-    except Exception:
-        transaction.undo(layout, plan, merging)
+    except Exception as error:
+        worth_resuming = step != "train" and _tokenized_images(layout, plan)
+        if transaction.undo(layout, plan, keep=resuming or (worth_resuming and not layout.previous.exists())):
+            error.add_note(f"the tokenized shards are kept: {layout.unfinished_message()}")
         raise
     stage_seconds["merge"] = round(time.perf_counter() - clock, 3)
-    report = BuildReport(
-        images_added=images_added,
-        entries=len(database) - plan.first_image * len(spec.neighbourhood.eligible(spec.grid)),
-        skipped=skipped,
-        ignored=list(plan.ignored),
-        seconds=round(time.perf_counter() - start, 3),
-        shards=len(plan.shards),
-        shards_resumed=resumed,
-        engine=config.engine,
-        index=plan.index.description + (" (on disk)" if plan.index.on_disk else ""),
-        bytes_per_entry=round(index_bytes(layout.root) / max(len(database), 1), 3),
-        stage_seconds=stage_seconds,
-    )
-    write_json(layout.report, asdict(report))
+    entries = len(database) - plan.first_image * len(spec.neighbourhood.eligible(spec.grid))
+    done = report(records, entries, round(index_bytes(layout.root) / max(len(database), 1), 3))
+    if done.duplicates:
+        example = done.duplicates[0]
+        logger.warning(
+            "%d images are in %s already and were not added again, e.g. %s (%s)",
+            len(done.duplicates),
+            layout.root,
+            example["path"],
+            example["reason"],
+        )
+    write_json(layout.report, _history(layout, plan, done))
     transaction.commit(layout, plan)
-    logger.info("%s: %d images, %d entries in %.1f s", layout.root, images_added, report.entries, report.seconds)
-    return report
+    logger.info("%s: %d images, %d entries in %.1f s", layout.root, done.images_added, entries, done.seconds)
+    return done
+
+
+def _tokenized_images(layout: DatabaseLayout, plan: BuildPlan) -> bool:
+    """Whether the tokenize stage has made what an unfinished build or add can go on from: a shard of images."""
+    paths = (layout.tokenized(shard.index) for shard in plan.shards)
+    return any(TokenizedShard.read(path).images for path in paths if path.exists())
+
+
+def _history(layout: DatabaseLayout, plan: BuildPlan, report: BuildReport) -> dict[str, object]:
+    """The database's build report with ``report``'s run: a build's first, an add's after the earlier runs
+    (a report written before runs were kept is one run); at its top, what all runs added, skipped, ignored
+    and found already there."""
+    runs: list[dict] = []
+    if plan.kind == "add" and layout.report.exists():
+        saved = json.loads(layout.report.read_text())
+        # an add killed after it wrote the report was recorded: it is this run
+        runs = [run for run in saved.get("runs", [saved]) if run.get("first_image", 0) != plan.first_image]
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
+    runs.append(
+        {
+            "kind": plan.kind,
+            "inputs": list(plan.inputs),
+            "first_image": plan.first_image,
+            "finished": finished,
+            **asdict(report),
+        }
+    )
+    lists = ("skipped", "ignored", "duplicates")
+    return {
+        "images_added": sum(run["images_added"] for run in runs),
+        "entries": sum(run["entries"] for run in runs),
+        **{name: [item for run in runs for item in run.get(name, [])] for name in lists},
+        "runs": runs,
+    }
 
 
 def _run_stage(

@@ -3,16 +3,21 @@
 Inputs are image files, folders (searched recursively for images, ``.tar`` WebDataset shards and
 ``.parquet`` files), and sources named ``SCHEME:ARGUMENT``: kinds of input that packages register under
 their scheme in the ``arrag.sources`` entry-point group (:class:`SourceKind`; arrag's own built-in world
-registers ``world:N``, its first N database scenes). :func:`plan_shards` turns inputs into a list of
-:class:`ShardSpec` (plain JSON, so an interrupted build resumes from exactly the same plan);
-:func:`read_shard` yields every item of one shard decoded to RGB, or the reason it could not be. Nothing
-here raises on one bad file.
+registers ``world:N``, its first N database scenes, and ``world-eval:N``, N held-out ones).
+:func:`plan_shards` turns inputs into a list of :class:`ShardSpec` (plain JSON, so an interrupted build
+resumes from exactly the same plan; files by absolute path, so provenance does not depend on the folder the
+build ran in); :func:`read_shard` yields every item of one shard decoded to RGB, with its caption where the
+input has one and the SHA-256 of its encoded bytes, or the reason it could not be decoded. Nothing here
+raises on one bad file.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import logging
+import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +36,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")  # first one present is read
 NAME_COLUMNS = ("__key__", "key", "path", "url", "file_name", "filename", "id")
+CAPTION_COLUMNS = ("caption", "text", "prompt")  # Parquet: the first one present captions the rows
+CAPTION_SUFFIX = ".txt"  # WebDataset: the member of a sample that captions it
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
 
 
@@ -84,11 +91,22 @@ class ShardSpec:
 
 @dataclass(frozen=True)
 class Item:
-    """One item of a shard: a decoded RGB image, or the reason there is none."""
+    """One item of a shard: a decoded RGB image, or the reason there is none.
+
+    Attributes:
+        name: where it came from (its source name in the database).
+        image: the decoded image; None if it could not be decoded.
+        error: why not.
+        caption: its text, where the input has one (a world scene's prompt, a WebDataset ``.txt`` member,
+            a Parquet caption column).
+        sha256: hex digest of its encoded bytes ("" for generated images): how an add knows it is already there.
+    """
 
     name: str
     image: Image.Image | None = None
     error: str = ""
+    caption: str | None = None
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,7 +170,8 @@ def plan_shards(
     one shard per tar file and per Parquet row group; then the sources' shards, in input order. Files in
     folders that are none of these are ignored and listed; a file named directly is always tried as an
     image. Folders are searched through symlinks; a file reached more than once (given twice, in nested
-    folders given both, through symlinks) is read once, where it first came.
+    folders given both, through symlinks) is read once, where it first came. Files are named by absolute
+    path (symlinks kept as reached).
     """
     files: list[Path] = []
     named: set[Path] = set()  # given directly, so tried as an image whatever its name
@@ -163,7 +182,7 @@ def plan_shards(
             source_kind(source[0])  # an unknown scheme fails before any folder is searched
             sources.append(source)
             continue
-        path = Path(raw)
+        path = Path(os.path.abspath(raw))  # provenance that holds from any folder
         if path.is_dir():
             files += files_under(path)
         elif path.exists():
@@ -223,34 +242,54 @@ def read_shard(shard: ShardSpec) -> Iterator[Item]:
     yield from (readers[shard.kind] if shard.kind in readers else source_kind(shard.kind).read)(shard)
 
 
-def _decoded(name: str, data: bytes | Path) -> Item:
+def _decoded(name: str, data: bytes, caption: str | None = None) -> Item:
+    sha256 = hashlib.sha256(data).hexdigest()
     try:
-        return Item(name, read_image(data))
+        return Item(name, read_image(data), caption=caption, sha256=sha256)
     except ImageReadError as error:
-        return Item(name, error=str(error))
+        return Item(name, error=str(error), caption=caption, sha256=sha256)
 
 
 def _read_files(shard: ShardSpec) -> Iterator[Item]:
     for path in shard.items:
-        yield _decoded(path, Path(path))
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            yield Item(path, error=f"{type(error).__name__}: {error.strerror or error}")
+            continue
+        yield _decoded(path, data)
+
+
+def _sample_key(member: tarfile.TarInfo) -> str:
+    """A WebDataset member's sample: its path up to the first dot of the file name."""
+    directory, _, name = member.name.rpartition("/")
+    return f"{directory}/{name.split('.', 1)[0]}"
 
 
 def _read_tar(shard: ShardSpec) -> Iterator[Item]:
-    """WebDataset samples: members grouped by the path up to the first dot of the file name; the first
-    image member of each sample is read, captions and metadata are not."""
+    """WebDataset samples: consecutive members with the same path up to the first dot of the file name; the
+    first image member of each sample is read, captioned by its ``.txt`` member; other members are not read."""
     seen: set[str] = set()
     try:
         with tarfile.open(shard.location, mode="r|*") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                directory, _, name = member.name.rpartition("/")
-                key = f"{directory}/{name.split('.', 1)[0]}"
-                if key in seen or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                seen.add(key)
-                data = archive.extractfile(member)
-                yield _decoded(f"{shard.location}::{member.name}", data.read() if data else b"")
+            files = (member for member in archive if member.isfile())
+            for key, members in itertools.groupby(files, key=_sample_key):
+                image: tuple[str, bytes] | None = None
+                caption = None
+                for member in members:  # read while current: the archive is a stream
+                    suffix = Path(member.name).suffix.lower()
+                    wanted = (image is None and suffix in IMAGE_SUFFIXES) or (
+                        caption is None and suffix == CAPTION_SUFFIX
+                    )
+                    data = archive.extractfile(member) if wanted else None
+                    content = data.read() if data else b""
+                    if wanted and suffix == CAPTION_SUFFIX:
+                        caption = content.decode("utf-8", errors="replace").strip()
+                    elif wanted:
+                        image = (member.name, content)
+                if image is not None and key not in seen:
+                    seen.add(key)
+                    yield _decoded(f"{shard.location}::{image[0]}", image[1], caption)
     except (tarfile.TarError, OSError, EOFError) as error:
         yield Item(shard.location, error=f"unreadable tar file after {len(seen)} samples: {error}")
 
@@ -278,16 +317,23 @@ def _read_parquet(shard: ShardSpec) -> Iterator[Item]:
             yield Item(where, error=f"no image column {wanted} among {names}")
             return
         name_column = _column(names, shard.name_column, NAME_COLUMNS)
-        table = file.read_row_group(shard.start, columns=[c for c in (image_column, name_column) if c])
+        caption_column = _column(names, None, CAPTION_COLUMNS)
+        columns = [c for c in (image_column, name_column, caption_column) if c]
+        table = file.read_row_group(shard.start, columns=list(dict.fromkeys(columns)))
     except Exception as error:  # pyarrow raises several types for damaged files
         yield Item(where, error=f"unreadable Parquet row group: {error}")
         return
     first_row = sum(file.metadata.row_group(g).num_rows for g in range(shard.start))
-    labels = table.column(name_column).to_pylist() if name_column else [None] * table.num_rows
-    for row, (value, label) in enumerate(zip(table.column(image_column).to_pylist(), labels, strict=True)):
+
+    def values(column: str | None) -> list:
+        return table.column(column).to_pylist() if column else [None] * table.num_rows
+
+    rows = zip(values(image_column), values(name_column), values(caption_column), strict=True)
+    for row, (value, label, caption) in enumerate(rows):
         name = f"{shard.location}::{label if label is not None else first_row + row}"
         data = value.get("bytes") if isinstance(value, dict) else value
+        caption = caption if isinstance(caption, str) else None
         if not isinstance(data, bytes):
             yield Item(name, error=f"column {image_column!r} holds {type(data).__name__}, not image bytes")
         else:
-            yield _decoded(name, data)
+            yield _decoded(name, data, caption)

@@ -3,6 +3,9 @@
     read/decode ─▶ tokenize (batched) ─▶ token shard (Parquet)      :func:`tokenize_shard` -> TokenizedShard
     token shard ─▶ keys ─▶ index shard (FAISS file)                    :func:`index_shard` -> IndexedShard
 
+An add does not tokenize images the database holds already (:class:`KnownImages`: by source name, and by
+the SHA-256 of the encoded bytes that token shards record); it lists them as duplicates.
+
 A shard's output file appears under its final name only when complete (:func:`write_atomically`), and the
 tokenize stage writes its record after its Parquet file, so a build killed at any point knows exactly
 which shards are done. Both build engines call these functions; :class:`TokenizeStage` and
@@ -18,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -29,7 +32,7 @@ import torch
 from arrag.backends import Backend, BackendRef
 from arrag.build.sources import Item, ShardSpec, read_shard
 from arrag.retrieval import indexes
-from arrag.retrieval.database import DatabaseSpec, make_entries
+from arrag.retrieval.database import DatabaseSpec, make_entries, read_manifest
 from arrag.retrieval.indexes import IndexConfig
 from arrag.retrieval.keys import KeySource
 from arrag.retrieval.layout import DatabaseLayout, write_atomically, write_json
@@ -57,6 +60,7 @@ class TokenizedShard(_Record):
     images: int  # tokenized
     skipped: list[dict[str, str]]  # {"path", "reason"}: items that could not be read
     seconds: float
+    duplicates: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: already in the database
 
     def __post_init__(self) -> None:
         if self.shard < 0 or self.images < 0:
@@ -92,13 +96,17 @@ class IndexedShard(_Record):
 # Token shards
 
 
-def write_token_shard(path: Path, names: list[str], tokens: np.ndarray, latents: np.ndarray | None) -> None:
-    """(N, R·C) tokens (and (N, R·C, d) encoder latents for latent keys) with their source names -> Parquet."""
+def write_token_shard(
+    path: Path, names: list[str], tokens: np.ndarray, latents: np.ndarray | None, hashes: list[str]
+) -> None:
+    """(N, R·C) tokens (and (N, R·C, d) encoder latents for latent keys) with their source names and the
+    SHA-256 of their encoded bytes ("" for generated images) -> Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns = {
         "source": pa.array(names, type=pa.string()),
+        "sha256": pa.array(hashes, type=pa.string()),
         "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.astype(np.int32).ravel()), tokens.shape[1]),
     }
     if latents is not None:
@@ -112,12 +120,14 @@ class TokenShard:
     names: list[str]
     tokens: np.ndarray  # (N, R·C) int64
     latents: np.ndarray | None  # (N, R·C, d) float32 when the database keys are encoder latents
+    hashes: list[str] = field(default_factory=list)  # SHA-256 of each image's encoded bytes ("" if none)
 
 
 def read_token_shard(
     path: Path, cell_dim: int, columns: tuple[str, ...] = ("source", "tokens", "latents")
 ) -> TokenShard:
-    """Read a token shard written by :func:`write_token_shard` (only ``columns`` of it)."""
+    """Read a token shard written by :func:`write_token_shard` (only ``columns`` of it; shards written before
+    hashes were recorded have no ``sha256``)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path, columns=[c for c in columns if c in pq.read_schema(path).names])
@@ -129,7 +139,38 @@ def read_token_shard(
     tokens = values("tokens").astype(np.int64).reshape(n, -1) if "tokens" in table.column_names else None
     latents = values("latents").reshape(n, -1, cell_dim) if "latents" in table.column_names else None
     names = table.column("source").to_pylist() if "source" in table.column_names else []
-    return TokenShard(names, tokens, latents)  # type: ignore[arg-type]
+    hashes = table.column("sha256").to_pylist() if "sha256" in table.column_names else []
+    return TokenShard(names, tokens, latents, hashes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class KnownImages:
+    """The images a database holds already, by source name and content hash: what an add leaves out."""
+
+    names: frozenset[str] = frozenset()
+    hashes: dict[str, str] = field(default_factory=dict)  # SHA-256 -> the source name it was added as
+
+    @classmethod
+    def read(cls, layout: DatabaseLayout, images: int) -> KnownImages:
+        """The first ``images`` images of the database in ``layout`` (those before an add), from its sources and
+        the hashes its token shards record."""
+        if not images:
+            return cls()
+        manifest = read_manifest(layout.root)
+        hashes: dict[str, str] = {}
+        for shard in manifest.get("token_shards", []):
+            if shard["first_image"] < images:
+                read = read_token_shard(layout.root / shard["file"], 1, ("source", "sha256"))
+                hashes.update((digest, name) for digest, name in zip(read.hashes, read.names, strict=False) if digest)
+        return cls(frozenset(json.loads(layout.sources.read_text())[:images]), hashes)
+
+    def duplicate(self, item: Item) -> str | None:
+        """Why ``item`` is already in the database, or None if it is not."""
+        if item.name in self.names:
+            return "already in the database"
+        if item.sha256 in self.hashes:
+            return f"the same bytes as {self.hashes[item.sha256]}, already in the database"
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,11 +179,13 @@ def read_token_shard(
 
 @dataclass(frozen=True)
 class TokenizeJob:
-    """What every tokenize task shares: the database folder, the batch size and the key source."""
+    """What every tokenize task shares: the database folder, the batch size, the key source and how many
+    images the database holds already (an add's first image id), which are not added again."""
 
     directory: str
     batch_size: int = 32
     key_source: KeySource = "codebook"
+    known_images: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -153,13 +196,22 @@ class TokenizeJob:
         return DatabaseLayout(self.directory)
 
 
-def _batches(items: Iterator[Item], size: int, skipped: list[dict[str, str]]) -> Iterator[list[Item]]:
-    """Decoded items in lists of ``size``; items without an image go to ``skipped``."""
+def _batches(
+    items: Iterator[Item],
+    size: int,
+    known: KnownImages,
+    skipped: list[dict[str, str]],
+    duplicates: list[dict[str, str]],
+) -> Iterator[list[Item]]:
+    """Decoded items in lists of ``size``; items without an image go to ``skipped``, known ones to ``duplicates``."""
     batch: list[Item] = []
     for item in items:
         if item.image is None:
             logger.warning("skipping %s: %s", item.name, item.error)
             skipped.append({"path": item.name, "reason": item.error})
+            continue
+        if (reason := known.duplicate(item)) is not None:
+            duplicates.append({"path": item.name, "reason": reason})
             continue
         batch.append(item)
         if len(batch) == size:
@@ -179,26 +231,33 @@ def tokenize_batch(backend: Backend, pixels: torch.Tensor, key_source: KeySource
 
 
 @torch.no_grad()
-def tokenize_shard(shard: ShardSpec, backend: Backend, job: TokenizeJob) -> TokenizedShard:
-    """Decode, preprocess and tokenize every image of ``shard``; write its token shard, then its record."""
+def tokenize_shard(
+    shard: ShardSpec, backend: Backend, job: TokenizeJob, known: KnownImages = KnownImages()
+) -> TokenizedShard:
+    """Decode, preprocess and tokenize every image of ``shard`` but the ``known`` ones; write its token shard,
+    then its record."""
     start = time.perf_counter()
     layout = job.layout
     names: list[str] = []
+    hashes: list[str] = []
     tokens: list[np.ndarray] = []
     latents: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
-    for batch in _batches(read_shard(shard), job.batch_size, skipped):
+    duplicates: list[dict[str, str]] = []
+    for batch in _batches(read_shard(shard), job.batch_size, known, skipped, duplicates):
         pixels = torch.stack([backend.preprocess(item.image) for item in batch])  # (B, 3, H, W)
         batch_tokens, vectors = tokenize_batch(backend, pixels, job.key_source)  # (B, R·C), (B, R·C, d)
         tokens.append(batch_tokens.numpy())
         if job.key_source == "latents":
             latents.append(vectors.numpy())
         names += [item.name for item in batch]
+        hashes += [item.sha256 for item in batch]
     grid = np.concatenate(tokens) if tokens else np.zeros((0, backend.grid.size), dtype=np.int64)
     cells = np.concatenate(latents) if latents else np.zeros((0, backend.grid.size, backend.cell_dim), np.float32)
-    write_token_shard(layout.token_shard(shard.index), names, grid, cells if job.key_source == "latents" else None)
+    latent_cells = cells if job.key_source == "latents" else None
+    write_token_shard(layout.token_shard(shard.index), names, grid, latent_cells, hashes)
     seconds = round(time.perf_counter() - start, 3)
-    record = TokenizedShard(shard.index, layout.token_file(shard.index), len(names), skipped, seconds)
+    record = TokenizedShard(shard.index, layout.token_file(shard.index), len(names), skipped, seconds, duplicates)
     write_json(layout.tokenized(shard.index), record.to_dict())
     return record
 
@@ -212,13 +271,13 @@ class TokenizeStage:
     name: str = "tokenize"
     gpu: bool = True  # an engine that has accelerators gives each tokenizer worker one
 
-    def setup(self, device: str | None) -> Backend:
-        if isinstance(self.backend, BackendRef):
-            return self.backend.load(device)
-        return self.backend
+    def setup(self, device: str | None) -> tuple[Backend, KnownImages]:
+        backend = self.backend.load(device) if isinstance(self.backend, BackendRef) else self.backend
+        return backend, KnownImages.read(self.job.layout, self.job.known_images)
 
-    def __call__(self, backend: Backend, task: dict) -> dict:
-        return tokenize_shard(ShardSpec.from_dict(task), backend, self.job).to_dict()
+    def __call__(self, context: tuple[Backend, KnownImages], task: dict) -> dict:
+        backend, known = context
+        return tokenize_shard(ShardSpec.from_dict(task), backend, self.job, known).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------

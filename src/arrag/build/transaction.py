@@ -3,7 +3,9 @@
 - :func:`locked`: a build or add holds a lock (``flock``) on the database folder; a second one is refused.
 - :func:`set_aside`: an ``overwrite`` build moves the database it replaces into ``DB/build/previous``,
   where it stays until the new database is complete (:func:`commit`) and comes back if the build fails
-  (:func:`undo`).
+  (:func:`undo`) or is abandoned (:func:`rollback`).
+- :func:`undo`: a failed build or add leaves the folder as it found it, unless what it tokenized is worth
+  resuming; :func:`rollback` abandons an unfinished (killed, or failed and kept) one.
 - recovery: a build or add killed while a database was being set aside or put back is finished by the next
   one, before it does anything else (inside :func:`locked`).
 """
@@ -11,9 +13,7 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,16 +37,11 @@ def locked(layout: DatabaseLayout, create: bool) -> Iterator[None]:
         directory.mkdir(parents=True)
     elif not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a patch database (no such folder); build one with arrag db build")
-    handle = os.open(directory, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(f"another arrag build or add is running in {directory}; let it finish") from None
-        _recover(layout)
-        yield
+        with layout.lock():
+            _recover(layout)
+            yield
     finally:
-        os.close(handle)  # releases the lock
         if made and not any(directory.iterdir()):
             directory.rmdir()
 
@@ -66,15 +61,44 @@ def set_aside(layout: DatabaseLayout) -> None:
     layout.previous_partial.rename(layout.previous)
 
 
-def undo(layout: DatabaseLayout, plan: BuildPlan, merging: bool) -> None:
-    """After a failed build or add: put back the database an overwrite build replaced; forget an add that
-    failed before its merge (its token shards and state), so the database takes further adds."""
+def undo(layout: DatabaseLayout, plan: BuildPlan, keep: bool) -> bool:
+    """After a failed build or add: the folder as the build or add found it (:func:`_abandon`), unless
+    ``keep`` (what it tokenized is worth resuming) or an add's merge has begun (it can only be finished).
+    Returns whether the unfinished build or add is kept."""
+    if keep or layout.base_index.exists():
+        return True
+    _abandon(layout, plan)
+    return False
+
+
+def rollback(directory: str | Path) -> None:
+    """Abandon the unfinished build or add in ``directory`` (killed, or failed and kept for ``resume=True``):
+    the database an ``overwrite`` build set aside comes back; without one, a build's files are removed (the
+    folder is left empty) and an add is forgotten (the database is left as before it)."""
+    layout = DatabaseLayout(directory)
+    with locked(layout, create=False):
+        if not layout.plan.exists():
+            raise FileNotFoundError(f"{layout.root} holds no unfinished build or add to roll back")
+        if layout.base_index.exists():
+            raise ValueError(
+                f"the add in {layout.root} was interrupted while merging its entries into the database, which "
+                "cannot be rolled back; finish it with resume=True"
+            )
+        _abandon(layout, BuildPlan.read(layout.plan) if layout.unfinished_kind() == "add" else None)
+    logger.info("rolled back the unfinished build or add in %s", layout.root)
+
+
+def _abandon(layout: DatabaseLayout, plan: BuildPlan | None) -> None:
+    """Undo a build or add that has not merged: put back the database an overwrite build replaced, remove a
+    build's files, or forget an add (``plan``: its token shards and state)."""
     if layout.previous.exists():
         _restore_previous(layout)
-    elif plan.kind == "add" and not merging and not layout.base_index.exists():  # no merge begun, ever
+    elif plan is not None and plan.kind == "add":
         for shard in plan.shards:
             layout.token_shard(shard.index).unlink(missing_ok=True)
         shutil.rmtree(layout.state)
+    else:
+        clear_database(layout.root)
 
 
 def commit(layout: DatabaseLayout, plan: BuildPlan) -> None:

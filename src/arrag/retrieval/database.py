@@ -372,7 +372,8 @@ class PatchDatabase:
 
     @classmethod
     def load(cls, directory: str | Path, expect: DatabaseSpec | None = None) -> PatchDatabase:
-        """Load a saved database; with ``expect``, refuse one whose tokens mean something else."""
+        """Load a saved database; with ``expect``, refuse one whose tokens mean something else. A database
+        an add is growing loads as it was before the add (while the add merges, ``BuildRunningError``)."""
         layout = DatabaseLayout(directory)
         manifest = read_manifest(directory)
         spec = DatabaseSpec.from_dict(manifest["spec"])
@@ -382,6 +383,8 @@ class PatchDatabase:
         sources = json.loads(layout.sources.read_text())
         counts = manifest["counts"]
         if index.ntotal != counts["entries"] or len(sources) != counts["images"]:
+            if layout.build_running():  # an add is merging its entries
+                raise layout.running()
             raise ValueError(
                 f"{layout.root}: index holds {index.ntotal} entries of {len(sources)} images, the manifest "
                 f"says {counts['entries']} of {counts['images']}; the database is damaged, build it again"
@@ -414,14 +417,15 @@ def index_bytes(directory: str | Path) -> int:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    """Read and check a database manifest."""
+    """Read and check a database manifest; a folder whose build is running or unfinished says so
+    (:class:`arrag.retrieval.layout.BuildRunningError`, or ``FileNotFoundError`` naming ``resume=True`` and
+    ``rollback()``)."""
     layout = DatabaseLayout(directory)
     path = layout.manifest
-    if not path.is_file() and layout.plan.is_file():
-        raise FileNotFoundError(
-            f"{directory} holds an unfinished build; finish it by building again with the same inputs and "
-            "resume=True, or start again with overwrite=True"
-        )
+    if not path.is_file() and layout.build_running():
+        raise layout.running()
+    if not path.is_file() and layout.unfinished:
+        raise FileNotFoundError(layout.unfinished_message())
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a patch database (no {path.name}); build one with arrag db build")
     try:

@@ -6,7 +6,7 @@
     DB/next-tokens.npy                the next token of every entry, for an index that stores no ids
     DB/sources.json                   the name of every image
     DB/trained.faiss                  the trained empty index: what an add adds shards to
-    DB/build-report.json              what the last build or add read, skipped and ignored
+    DB/build-report.json              every build and add run: what each read, skipped, ignored and found there already
     DB/tokens/shard-NNNNNN.parquet    every image's tokens, one file a shard
     DB/index.base.faiss               the index before an add, kept until the add is complete
 
@@ -19,14 +19,18 @@
         previous.partial/             ... while it is being set aside
         previous.restoring/           ... while it is being put back
 
-Every file of it is written through :func:`write_atomically`: under its final name only when complete.
+Every file of it is written through :func:`write_atomically`: under its final name only when complete, and
+a build or add holds the folder's lock (:meth:`DatabaseLayout.lock`) while it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,12 @@ TOKENS_DIR = "tokens"
 STATE_DIR = "build"
 PLAN_FILE = "plan.json"
 PREVIOUS_DIR = "previous"
+
+_held: set[tuple[Path, int]] = set()  # (folder, thread) of every build lock this process holds
+
+
+class BuildRunningError(FileExistsError):
+    """A build or add is running in the database folder: it holds the folder's lock."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,41 @@ class DatabaseLayout:
         )
         return [self.root / name for name in names if (self.root / name).exists()] + self.ivfdata_files()
 
+    # The build lock
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's build lock (``flock``, released however the process ends); refused at once, with
+        :class:`BuildRunningError`, while another build or add holds it."""
+        handle = os.open(self.root, os.O_RDONLY)
+        key = (self.root.resolve(), threading.get_ident())
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self.running() from None
+            _held.add(key)
+            yield
+        finally:
+            _held.discard(key)
+            os.close(handle)  # releases the lock
+
+    def build_running(self) -> bool:
+        """Whether a build or add holds the folder's lock (other than one the calling thread runs)."""
+        if not self.root.is_dir() or (self.root.resolve(), threading.get_ident()) in _held:
+            return False
+        handle = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe: closing the handle releases it
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(handle)
+        return False
+
+    def running(self) -> BuildRunningError:
+        return BuildRunningError(f"a build is running in {self.root}; wait for it to finish")
+
     # The state of a build or add in progress
 
     @property
@@ -153,6 +198,32 @@ class DatabaseLayout:
     def previous_restoring(self) -> Path:
         """Where the replaced database is once what the failed build wrote is gone, while it moves back."""
         return self.state / f"{PREVIOUS_DIR}.restoring"
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether the folder holds an unfinished build or add (or a database set aside by one)."""
+        return self.plan.is_file() or self.previous.is_dir()
+
+    def unfinished_kind(self) -> str:
+        """``build`` or ``add``: what the unfinished plan in the folder does (``build`` if it is unreadable)."""
+        try:
+            return str(json.loads(self.plan.read_text())["kind"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "build"
+
+    def unfinished_message(self, restart: bool = False) -> str:
+        """What the folder's unfinished build or add is and the ways on from it: ``resume=True``, ``rollback()``
+        and, with ``restart``, ``overwrite=True``."""
+        kind = self.unfinished_kind()
+        again = ", start again with overwrite=True" if restart else ""
+        if self.previous.is_dir():
+            after = f"; the database it replaces is kept in {self.previous} and comes back on rollback()"
+        else:
+            after = " (which empties the folder)" if kind == "build" else " (which leaves the database as before it)"
+        return (
+            f"{self.root} holds an unfinished {kind}; finish it with resume=True (the same inputs and settings)"
+            f"{again} or abandon it with rollback(){after}"
+        )
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:

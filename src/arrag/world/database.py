@@ -1,4 +1,5 @@
-"""The built-in world's patch database: scenes composed from the database pool's glyphs."""
+"""The built-in world's patch database: scenes composed from the database pool's glyphs; the built-in model's
+database by default (:func:`default_database`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from arrag.world.source import SCENE_BATCH, world_scenes
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "arrag"
+BUILTIN_NAME = "builtin"  # the backend name of the shipped model (not of other builtin: folders)
 
 
 def world_database_dir(
@@ -70,3 +72,14 @@ def world_database_scenes(
     for start in range(0, scenes, batch_size):
         prompts, images = world_scenes(start, min(batch_size, scenes - start))
         yield prompts, to_backend_input(images, backend.preprocess)
+
+
+def default_database(backend: Backend, cache: Path = CACHE_DIR) -> PatchDatabase | None:
+    """The database a backend retrieves from when none is given: for the shipped built-in model, the world
+    database ``arrag demo`` uses (built in ``cache`` on first use, then loaded); None for any other backend."""
+    if backend.name != BUILTIN_NAME:
+        return None
+    directory = world_database_dir(cache, backend)
+    database = world_database(backend, directory)
+    logger.info("retrieving from the built-in world's database in %s", directory)
+    return database

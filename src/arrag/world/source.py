@@ -1,8 +1,11 @@
-"""The built-in world as a build source: ``world:N`` reads the world's first N database scenes.
+"""The built-in world as build sources: ``world:N``, the first N database scenes, and ``world-eval:N``, the
+first N held-out scenes (eval-pool glyphs: those :func:`arrag.world.report.eval_scenes` draws).
 
-Registered under the scheme ``world`` in the ``arrag.sources`` entry-point group (see
-:mod:`arrag.build.sources`). Scenes are drawn in batches of ``SCENE_BATCH``, each seeded by its first
-scene's number, so a batch is one shard and any shard can be drawn alone, in any process.
+Registered under the schemes ``world`` and ``world-eval`` in the ``arrag.sources`` entry-point group (see
+:mod:`arrag.build.sources`); each item is captioned with its scene's prompt. Database scenes are drawn in
+batches of ``SCENE_BATCH``, each seeded by its first scene's number, so a batch is one shard and any shard
+can be drawn alone, in any process. Held-out scenes are one stream (``world-eval:N`` is the first N of any
+longer one), so they are one shard.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from PIL import Image
 from arrag.build.sources import Item, ShardSpec, SourceKind
 from arrag.world.digits import load_pool
 from arrag.world.prompts import Prompt, sample_prompts
+from arrag.world.report import eval_scenes
 from arrag.world.scenes import render_scenes
 
 DATABASE_SEED = 1
@@ -32,11 +36,19 @@ def world_scene_name(index: int, prompt: Prompt) -> str:
     return f"world-database-scene-{index}: {prompt.text}"
 
 
+def eval_scene_name(index: int, prompt: Prompt) -> str:
+    return f"world-eval-scene-{index}: {prompt.text}"
+
+
+def _scenes(scheme: str, argument: str) -> int:
+    if not argument.isdigit():
+        raise ValueError(f"{scheme}:{argument}: the {scheme} source takes a number of scenes, e.g. {scheme}:2000")
+    return int(argument)
+
+
 def _plan(argument: str, first_index: int) -> list[ShardSpec]:
     """``world:N`` -> a shard per batch of scenes."""
-    if not argument.isdigit():
-        raise ValueError(f"world:{argument}: the world source takes a number of scenes, e.g. world:2000")
-    scenes = int(argument)
+    scenes = _scenes("world", argument)
     starts = range(0, scenes, SCENE_BATCH)
     return [
         ShardSpec(first_index + i, "world", start=start, count=min(SCENE_BATCH, scenes - start))
@@ -47,7 +59,20 @@ def _plan(argument: str, first_index: int) -> list[ShardSpec]:
 def _read(shard: ShardSpec) -> Iterator[Item]:
     prompts, images = world_scenes(shard.start, shard.count)
     for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
-        yield Item(world_scene_name(shard.start + i, prompt), Image.fromarray(image))
+        yield Item(world_scene_name(shard.start + i, prompt), Image.fromarray(image), caption=prompt.text)
+
+
+def _plan_eval(argument: str, first_index: int) -> list[ShardSpec]:
+    """``world-eval:N`` -> one shard of N held-out scenes (none for N = 0)."""
+    scenes = _scenes("world-eval", argument)
+    return [ShardSpec(first_index, "world-eval", count=scenes)] if scenes else []
+
+
+def _read_eval(shard: ShardSpec) -> Iterator[Item]:
+    prompts, images = eval_scenes(shard.start + shard.count)
+    for i in range(shard.start, shard.start + shard.count):
+        yield Item(eval_scene_name(i, prompts[i]), Image.fromarray(images[i]), caption=prompts[i].text)
 
 
 WORLD = SourceKind(plan=_plan, read=_read)
+WORLD_EVAL = SourceKind(plan=_plan_eval, read=_read_eval)
