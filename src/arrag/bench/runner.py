@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from arrag.decoding.loop import generate
 from arrag.faid.blender import FaidAdapter
 from arrag.images import read_metadata, save_image
 from arrag.metadata import Settings, grid_metadata, image_metadata, settings_of
+from arrag.progress import ImageBar
 from arrag.retrieval.database import PatchDatabase
 
 logger = logging.getLogger(__name__)
@@ -180,14 +182,25 @@ def run_jobs(
     for job in select(jobs, config):
         (pending if layout.finished(job) is None else skipped).append(job)
     n = generation.num_images_per_prompt
-    for first in range(0, len(pending), config.batch_prompts):
-        batch = pending[first : first + config.batch_prompts]
-        seeds = [seed for job in batch for seed in seeds_for(job, generation)]
-        prompts = [clip_prompt(job.prompt, config.max_prompt_bytes) for job in batch]
-        output = generate(backend, prompts, generation, database, seeds, faid=faid)
-        for i, job in enumerate(batch):
-            rows = range(i * n, (i + 1) * n)
-            metadata = [image_metadata(output, row, settings, database) for row in rows]
-            layout.write(job, output.images[rows.start : rows.stop], metadata, grid_metadata(output, rows, settings))
-        logger.info("%d/%d prompts written (%s)", first + len(batch), len(pending), batch[-1].key)
+    done = 0
+    try:
+        with ImageBar(len(pending) * n, "generating") as bar:
+            for first in range(0, len(pending), config.batch_prompts):
+                batch = pending[first : first + config.batch_prompts]
+                seeds = [seed for job in batch for seed in seeds_for(job, generation)]
+                prompts = [clip_prompt(job.prompt, config.max_prompt_bytes) for job in batch]
+                step = partial(bar.update, len(seeds) / backend.grid.size)
+                output = generate(backend, prompts, generation, database, seeds, faid=faid, on_step=step)
+                for i, job in enumerate(batch):
+                    rows = range(i * n, (i + 1) * n)
+                    metadata = [image_metadata(output, row, settings, database) for row in rows]
+                    grid = grid_metadata(output, rows, settings)
+                    layout.write(job, output.images[rows.start : rows.stop], metadata, grid)
+                    done += 1
+                logger.info("%d/%d prompts written (%s)", first + len(batch), len(pending), batch[-1].key)
+    except KeyboardInterrupt:  # what Ctrl-C kept: every prompt written is finished, and a rerun resumes
+        raise KeyboardInterrupt(
+            f"{done} of the {len(pending)} prompts to do are finished ({len(skipped)} were before this run); "
+            "the same command resumes the rest"
+        ) from None
     return RunSummary([job.key for job in pending], [job.key for job in skipped], round(time.perf_counter() - began, 1))

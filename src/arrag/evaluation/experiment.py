@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,10 +28,11 @@ from arrag.backends import load_backend
 from arrag.backends.base import Backend
 from arrag.config import Duplicates, GenerationConfig, RetrievalConfig
 from arrag.evaluation.copying import CopyThreshold, nearest_database_image
-from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_caption
 from arrag.evaluation.quality import EfficientNetLite0Features, ImageQuality
 from arrag.evaluation.statistics import Score, category_scores
+from arrag.extras import extra, require
 from arrag.faid.files import load_adapter, shipped_adapter
+from arrag.progress import ImageBar
 from arrag.retrieval.database import PatchDatabase
 from arrag.retrieval.grid import Neighbourhood
 from arrag.retrieval.indexes import IndexConfig
@@ -40,6 +42,9 @@ from arrag.world.features import DigitFeatures
 from arrag.world.prompts import Prompt, sample_prompts
 from arrag.world.report import eval_scenes, judge_generated, load_checker, per_category
 from arrag.world.scenes import to_backend_input
+
+if TYPE_CHECKING:
+    from arrag.evaluation.image_retrieval import StaticImageRetriever
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +121,17 @@ class ImageLibrary:
     @classmethod
     def of_world(cls, backend: Backend, scenes: int) -> ImageLibrary:
         captions, tokens, reconstructions = [], [], []
-        for prompts, pixels in world_database_scenes(backend, scenes):
-            captions += [p.text for p in prompts]
-            tokens.append(backend.encode(pixels).cpu())
-            reconstructions.append(backend.decode(tokens[-1]).cpu())
+        with ImageBar(scenes, "database images") as bar:
+            for prompts, pixels in world_database_scenes(backend, scenes):
+                captions += [p.text for p in prompts]
+                tokens.append(backend.encode(pixels).cpu())
+                reconstructions.append(backend.decode(tokens[-1]).cpu())
+                bar.update(len(prompts))
         return cls(captions, torch.cat(tokens), torch.cat(reconstructions))
 
     def retriever_for(self, count: int, eligible: np.ndarray) -> Callable[[list[str]], StaticImageRetriever]:
         """The image-level baseline: each row's ``count`` best caption matches, retrieved once."""
+        from arrag.evaluation.image_retrieval import StaticImageRetriever, rank_by_caption  # scikit-learn
 
         def make(rows: list[str]) -> StaticImageRetriever:
             ids = torch.from_numpy(rank_by_caption(rows, self.captions, count))  # (B, M)
@@ -162,6 +170,7 @@ class Experiment:
         self.databases: dict[Neighbourhood, PatchDatabase] = {}
         self.library = ImageLibrary.of_world(self.backend, config.database_scenes)
         self.adapter = load_adapter(config.faid, self.backend) if config.faid else shipped_adapter(self.backend)
+        self.progress: Callable[[float], None] | None = None  # told the images generated, in fractions
 
     def database(self, neighbourhood: Neighbourhood) -> PatchDatabase:
         if neighbourhood not in self.databases:
@@ -183,7 +192,14 @@ class Experiment:
             database = self.database(method.neighbourhood)
         adapter = self.adapter if "faid" in generation.method else None
         verdicts, pictures = judge_generated(
-            self.backend, self.checker, prompts, generation, database, retriever_for, faid=adapter
+            self.backend,
+            self.checker,
+            prompts,
+            generation,
+            database,
+            retriever_for,
+            faid=adapter,
+            progress=self.progress,
         )
         return np.asarray(verdicts).reshape(len(prompts), images), pictures
 
@@ -266,12 +282,18 @@ def image_quality(checker: WorldChecker) -> ImageQuality:
 
 
 def evaluate(config: EvalConfig) -> dict[str, object]:
-    """Run the whole experiment; returns the results that :mod:`arrag.evaluation.report` writes out."""
+    """Run the whole experiment; returns the results that :mod:`arrag.evaluation.report` writes out.
+
+    Needs the ``eval`` extra, checked first; progress bars count the images of the validation and test runs.
+    """
+    require("the evaluation", extra("eval"))
     began = time.perf_counter()
     experiment = Experiment(config)
     quality = image_quality(experiment.checker) if config.image_quality else None
     validation = sample_prompts(config.validation_prompts, VALIDATION_SEED)
-    methods, sweep = choose(experiment, validation)
+    with ImageBar(None, "validation") as bar:  # how many settings are tried depends on their scores
+        experiment.progress = bar.update
+        methods, sweep = choose(experiment, validation)
     chosen_at = time.perf_counter()
 
     test, scenes = eval_scenes(config.test_prompts, TEST_SEED)
@@ -283,31 +305,33 @@ def evaluate(config: EvalConfig) -> dict[str, object]:
     threshold = CopyThreshold.calibrate(real_distances, config.copy_false_positive_rate)
     results: dict[str, object] = {}
     samples: dict[str, np.ndarray] = {}
-    for key, method in methods.items():
-        started = time.perf_counter()
-        runs = [experiment.run(method, test, config.images_per_prompt, seed) for seed in config.seeds]
-        verdicts = np.concatenate([v for v, _ in runs], axis=1)  # (P, I·S)
-        images = np.concatenate([pictures for _, pictures in runs])  # (S·P·I, S, S, 3)
-        as_tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
-        distances, _ = nearest_database_image(as_tensor, experiment.library.reconstructions)
-        per_seed = [
-            per_category([p for p in test for _ in range(config.images_per_prompt)], v.ravel().tolist())["overall"]
-            for v, _ in runs
-        ]
-        entry: dict[str, object] = {
-            "name": method.name,
-            "settings": method.describe(),
-            "scores": category_scores(categories, verdicts),
-            "overall_per_seed": per_seed,
-            "copy_rate": threshold.copy_rate(distances),
-            "median_nearest_database_distance": float(np.median(distances)),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        if quality is not None:  # one seed: the feature networks cost as much as generating, on a CPU
-            entry["quality"] = quality(scenes, runs[0][1])
-        results[key] = entry
-        samples[key] = images[: len(test) * config.images_per_prompt : config.images_per_prompt]  # image 0, seed 0
-        logger.info("test %s: overall %s", method.name, entry["scores"]["overall"])
+    with ImageBar(len(methods) * len(config.seeds) * len(test) * config.images_per_prompt, "test") as bar:
+        experiment.progress = bar.update
+        for key, method in methods.items():
+            started = time.perf_counter()
+            runs = [experiment.run(method, test, config.images_per_prompt, seed) for seed in config.seeds]
+            verdicts = np.concatenate([v for v, _ in runs], axis=1)  # (P, I·S)
+            images = np.concatenate([pictures for _, pictures in runs])  # (S·P·I, S, S, 3)
+            as_tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
+            distances, _ = nearest_database_image(as_tensor, experiment.library.reconstructions)
+            per_seed = [
+                per_category([p for p in test for _ in range(config.images_per_prompt)], v.ravel().tolist())["overall"]
+                for v, _ in runs
+            ]
+            entry: dict[str, object] = {
+                "name": method.name,
+                "settings": method.describe(),
+                "scores": category_scores(categories, verdicts),
+                "overall_per_seed": per_seed,
+                "copy_rate": threshold.copy_rate(distances),
+                "median_nearest_database_distance": float(np.median(distances)),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            if quality is not None:  # one seed: the feature networks cost as much as generating, on a CPU
+                entry["quality"] = quality(scenes, runs[0][1])
+            results[key] = entry
+            samples[key] = images[: len(test) * config.images_per_prompt : config.images_per_prompt]  # image 0, seed 0
+            logger.info("test %s: overall %s", method.name, entry["scores"]["overall"])
     return {
         "config": asdict(config),
         "sampling": asdict(experiment.backend.sampling),

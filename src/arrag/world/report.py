@@ -9,6 +9,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +102,14 @@ def judge_generated(
     retriever_for: Callable[[list[str]], Retriever] | None = None,
     batch_rows: int = 120,
     faid: FaidAdapter | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[list[bool], np.ndarray]:
     """Generate every prompt's images and judge them -> (verdicts, (N, S, S, 3) uint8 images), prompt-major.
 
     Row r of the whole run is seeded ``config.seed + r``, whatever the batching. ``retriever_for`` makes the
     neighbour source of a batch from its rows' prompts (see :func:`arrag.decoding.loop.generate`). Batches of
-    about ``batch_rows`` rows: on a CPU, 120 rows decode twice as fast per image as 30.
+    about ``batch_rows`` rows: on a CPU, 120 rows decode twice as fast per image as 30. ``progress`` is told the
+    images generated, position by position (fractions of an image).
     """
     verdicts: list[bool] = []
     batches: list[np.ndarray] = []
@@ -117,7 +120,8 @@ def judge_generated(
         texts = [p.text for p in part]
         seeds = [config.seed + (start + i) * n + j for i in range(len(part)) for j in range(n)]
         retriever = retriever_for([t for t in texts for _ in range(n)]) if retriever_for is not None else None
-        out = generate(backend, texts, config, database, seeds=seeds, faid=faid, retriever=retriever)
+        step = None if progress is None else partial(progress, len(seeds) / backend.grid.size)
+        out = generate(backend, texts, config, database, seeds=seeds, faid=faid, retriever=retriever, on_step=step)
         images = to_uint8(out.images)
         verdicts += [checker.judge(part[row // n], image) for row, image in enumerate(images)]
         batches.append(images)
