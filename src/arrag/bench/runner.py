@@ -42,7 +42,7 @@ class BenchConfig:
     start: int = 0  # index of the first prompt of the file to run
     limit: int | None = None  # at most this many prompts from ``start``
     batch_prompts: int = 1  # prompts decoded together (× images per prompt rows)
-    max_prompt_bytes: int | None = None  # cut longer prompts (UTF-8) to this; the built-in models read 48 bytes
+    max_prompt_bytes: int | None = None  # cut longer prompts (UTF-8) to this; None: not cut (CLI: the model's limit)
 
     def __post_init__(self) -> None:
         if self.start < 0:
