@@ -2,6 +2,7 @@
 
 import json
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from arrag.evaluation.calibration import (
 from arrag.evaluation.calibration.grid import DUPLICATES, mixed_log_likelihood, place_temperatures, score_grid
 from arrag.evaluation.calibration.retrieval import TemperatureGrid, measure_retrieval
 from arrag.evaluation.calibration.teacher import score_model
-from arrag.evaluation.calibration.tuning import Evidence, best_gated, fit_logistic
+from arrag.evaluation.calibration.tuning import Evidence, GridTable, cross_validate, fit_logistic
 from arrag.retrieval.database import DatabaseSpec, PatchDatabase
 from arrag.retrieval.grid import Neighbourhood
 from conftest import blob_images, database_from_images
@@ -190,38 +191,47 @@ def test_a_database_of_random_token_grids_does_not_inform_the_model(backend, blo
         assert "does not inform this model" in part.verdict
 
 
-def test_the_gate_and_the_logistic_rule_are_scored_as_they_decode(backend, blobs):
-    """The gate's prefix-sum objective equals the rule applied position by position; the fitted logistic rule is
-    no worse than the fixed λ it starts from."""
+def test_the_tables_gates_and_logistic_rule_are_scored_as_they_decode(backend, blobs):
+    """Per-image table sums equal the rules applied position by position; the fitted logistic rule is no worse than
+    the fixed λ it starts from; out-of-fold changes come from settings tuned without the fold."""
     database, tokens = database_from_images(backend, blobs[:12], Neighbourhood())
-    heldout = HeldOut(
-        tuple(["a red 7"] * 24), torch.cat([tokens, as_heldout(backend, [(None, b) for b in blobs[12:]]).tokens])
-    )
+    others = as_heldout(backend, [(None, b) for b in blobs[12:]]).tokens
+    heldout = HeldOut(tuple(["a red 7"] * 24), torch.cat([tokens, others]))
     validation = heldout.split(0.5, 0)
-    measured = measure_retrieval(
-        backend, database, heldout.tokens, validation, (4, 16), TemperatureGrid((0.1, 1.0)), 4, 4096, 0
-    )
+    grid = TemperatureGrid((0.1, 1.0))
+    measured = measure_retrieval(backend, database, heldout.tokens, validation, (4, 16), grid, 4, 4096, 0)
     model = score_model(backend, heldout, SamplingConfig(guidance_scale=1.0))["conditional"]
     positions = measured.positions
     images = torch.arange(len(heldout)).repeat_interleave(len(positions))
     evidence = Evidence(
         model.log_target[:, positions].flatten(), model.entropy[:, positions].flatten(), measured.scores,
-        measured.temperatures, measured.ks, {}, validation[images],
+        measured.temperatures, measured.ks, {}, images, validation,
     )  # fmt: skip
     for rule in DUPLICATES:  # λ = 0 is exactly the model, position by position
         alone = DaidSetting(rule, 0.1, 4, AdaptiveWeight("fixed", 0.0))
         assert torch.equal(evidence.log_mixture(alone), evidence.log_model)
-    gated = best_gated(evidence, (0.1, 0.5, 0.9), (0.25, 0.5, 0.75))
-    assert gated.setting.weight.kind == "gated"
-    assert gated.objective == pytest.approx(float(evidence.nll_change(gated.setting)[evidence.validation].sum()))
+    table = GridTable.build(evidence, (0.1, 0.5, 0.9), (0.25, 0.5, 0.75))
+    for tuned in (table.best_fixed(evidence, validation), table.best_gated(evidence, validation)):
+        direct = float(evidence.nll_change(tuned.setting)[evidence.on_validation].sum())
+        assert tuned.objective == pytest.approx(direct, rel=1e-9, abs=1e-9)
+    assert table.best_gated(evidence, validation).setting.weight.kind == "gated"
     start = DaidSetting("nearest", 1.0, 16, AdaptiveWeight("fixed", 0.5))
     fitted = fit_logistic(evidence, start, 0.99, 100)
     assert fitted.setting.weight.kind == "logistic"
-    assert fitted.objective <= float(evidence.nll_change(start)[evidence.validation].sum()) + 1e-9
+    assert fitted.objective <= float(evidence.nll_change(start)[evidence.on_validation].sum()) + 1e-9
+    r, s, q = evidence.index(start)
     weights = fitted.setting.weight.weights(
-        measured.scores.nearest, measured.scores.entropy[:, 0, 1, 1], evidence.model_entropy
+        evidence.retrieval.nearest, evidence.retrieval.entropy[:, r, s, q], evidence.model_entropy
     )
     assert bool(((weights >= 0) & (weights <= 0.99)).all())
+    folds = torch.arange(len(heldout)) % 2
+    final, held_out = cross_validate(partial(table.best_fixed, evidence), evidence, folds)
+    assert final == table.best_fixed(evidence, validation)
+    assert bool((held_out[~evidence.on_validation] == 0).all())
+    for fold in (0, 1):
+        inner = table.best_fixed(evidence, validation & (folds != fold))
+        inside = (validation & (folds == fold))[images]
+        assert torch.equal(held_out[inside], evidence.nll_change(inner.setting)[inside])
 
 
 def test_the_report_is_json_and_names_a_setting_decoding_can_use(tmp_path, backend, self_report):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,16 +35,13 @@ from arrag.evaluation.calibration.teacher import ModelScores, score_model
 from arrag.evaluation.calibration.tuning import (
     DaidSetting,
     Evidence,
+    GridTable,
     Setting,
     Tuned,
-    best_fixed,
-    best_gated,
     best_logistic,
     cross_validate,
     describe,
-    fixed_objectives,
     tune_controls,
-    tune_fixed,
 )
 from arrag.evaluation.statistics import Score
 from arrag.retrieval.database import PatchDatabase
@@ -129,7 +127,7 @@ def calibrate(
         heldout: (caption or None, (T,) tokens or a PIL image) pairs, or a :class:`HeldOut`.
     """
     config = config or CalibrationConfig()
-    clock = {"start": time.perf_counter(), "cpu": time.process_time()}
+    started, cpu_started = time.perf_counter(), time.process_time()
     path = None
     if not isinstance(database, PatchDatabase):
         path = Path(database)
@@ -140,58 +138,37 @@ def calibrate(
     heldout = as_heldout(backend, heldout, description)
     if heldout.tokens.shape[1] != backend.grid.size:
         raise ValueError(f"held-out token grids have {heldout.tokens.shape[1]} tokens, the backend {backend.grid.size}")
-    timings = {"tokenize": time.perf_counter() - clock["start"]}
+    timings = {"tokenize": time.perf_counter() - started}
     sampling = config.sampling or backend.sampling
     validation = heldout.split(config.validation_fraction, config.split_seed)  # (N,)
 
-    clock["model"] = time.perf_counter()
     model = score_model(backend, heldout, sampling, config.batch_images)
-    timings["teacher forcing"] = time.perf_counter() - clock["model"]
+    timings["teacher forcing"] = time.perf_counter() - started - timings["tokenize"]
 
-    ks = config.neighbour_counts(len(database))
     reference = config.reference_setting(len(database))
-    measured = measure_retrieval(
-        backend,
-        database,
-        heldout.tokens,
-        validation,
-        ks,
-        TemperatureGrid(
-            config.temperatures, config.temperature_points, config.temperature_quantiles, (reference.temperature,)
-        ),
-        config.distance_buckets,
-        config.search_batch,
-        config.seed,
-    )
-    timings["search"], timings["grid"] = measured.search_seconds, measured.grid_seconds
-
-    clock["tuning"] = time.perf_counter()
-    positions = measured.positions
-    targets = heldout.tokens[:, positions].flatten()  # (M,)
-    images = torch.arange(len(heldout)).repeat_interleave(len(positions))  # (M,)
-    controls = {
-        "frequency": frequency_control(database_token_counts(database), targets),
-        "bucket-frequency": bucket_control(
-            measured.bucket_counts, bucket_of(measured.scores.nearest, measured.bucket_edges), targets
-        ),
-    }
-    reports = []
-    for name, scores in model.items():
-        extra = {"conditional": model["conditional"].log_target[:, positions].flatten()} if name == "guided" else {}
-        evidence = Evidence(
-            log_model=scores.log_target[:, positions].flatten(),
-            model_entropy=scores.entropy[:, positions].flatten(),
-            retrieval=measured.scores,
-            temperatures=measured.temperatures,
-            ks=measured.ks,
-            controls={**controls, **extra},
-            validation=validation[images],
+    with _torch_threads(1):  # many small ops beside FAISS's threads: one torch thread stalls far less under load
+        measured = measure_retrieval(
+            backend,
+            database,
+            heldout.tokens,
+            validation,
+            config.neighbour_counts(len(database)),
+            TemperatureGrid(
+                config.temperatures, config.temperature_points, config.temperature_quantiles, (reference.temperature,)
+            ),
+            config.distance_buckets,
+            config.search_batch,
+            config.seed,
         )
-        guidance = sampling.guidance_scale if name == "guided" else 1.0
-        reports.append(_assess(name, guidance, evidence, scores, positions, images, validation, reference, config))
-    timings["tuning"] = time.perf_counter() - clock["tuning"]
-    timings["total"] = time.perf_counter() - clock["start"]
-    timings["cpu, all threads"] = time.process_time() - clock["cpu"]
+        timings["search"], timings["grid"] = measured.search_seconds, measured.grid_seconds
+        tuning = time.perf_counter()
+        reports = [
+            _assess(name, evidence, model[name], measured.positions, sampling, reference, config)
+            for name, evidence in _evidence(database, heldout, model, measured, validation).items()
+        ]
+        timings["tuning"] = time.perf_counter() - tuning
+    timings["total"] = time.perf_counter() - started
+    timings["cpu, all threads"] = time.process_time() - cpu_started
     return CalibrationReport(
         backend=backend.name,
         database={
@@ -208,7 +185,7 @@ def calibrate(
             "test": int((~validation).sum()),
             "captioned": sum(c is not None for c in heldout.captions),
             "tokens_per_image": int(heldout.tokens.shape[1]),
-            "positions_per_image": len(positions),
+            "positions_per_image": len(measured.positions),
             "distinct_queries": measured.unique_queries,
             "searches": measured.searches,
         },
@@ -231,6 +208,48 @@ def calibrate(
     )
 
 
+def _evidence(
+    database: PatchDatabase,
+    heldout: HeldOut,
+    model: dict[str, ModelScores],
+    measured: RetrievalMeasurements,
+    validation: torch.Tensor,
+) -> dict[str, Evidence]:
+    """Each model distribution's evidence, with its controls."""
+    positions = measured.positions
+    targets = heldout.tokens[:, positions].flatten()  # (M,)
+    buckets = bucket_of(measured.scores.nearest, measured.bucket_edges)  # (M,)
+    controls = {
+        "frequency": frequency_control(database_token_counts(database), targets),
+        "bucket-frequency": bucket_control(measured.bucket_counts, buckets, targets),
+    }
+    evidence = {}
+    for name, scores in model.items():
+        unguided = {"conditional": model["conditional"].log_target[:, positions].flatten()} if name == "guided" else {}
+        evidence[name] = Evidence(
+            log_model=scores.log_target[:, positions].flatten(),
+            model_entropy=scores.entropy[:, positions].flatten(),
+            retrieval=measured.scores,
+            temperatures=measured.temperatures,
+            ks=measured.ks,
+            controls=controls | unguided,
+            images=torch.arange(len(heldout)).repeat_interleave(len(positions)),
+            validation=validation,
+        )
+    return evidence
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Run torch's CPU ops on ``count`` threads for a while."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _distances(measured: RetrievalMeasurements) -> dict:
     """Quantiles of the nearest and k-th neighbour distances over the held-out positions with neighbours."""
     scores = measured.scores
@@ -246,25 +265,23 @@ def _distances(measured: RetrievalMeasurements) -> dict:
 
 def _assess(
     name: str,
-    guidance: float,
     evidence: Evidence,
     scores: ModelScores,
     positions: np.ndarray,
-    images: torch.Tensor,
-    validation: torch.Tensor,
+    sampling: SamplingConfig,
     reference: DaidSetting,
     config: CalibrationConfig,
 ) -> DistributionReport:
     """Tune on validation, score on test, against the model alone and the controls."""
-    table = fixed_objectives(evidence, config.weights)  # (R, S, Q, L)
-    tuned, held_out = _tune(evidence, _folds(validation)[images], config)
+    images, validation = evidence.images, evidence.validation
+    table = GridTable.build(evidence, config.weights, config.gate_quantiles)
+    tuned, held_out = _tune(evidence, table, _folds(validation), config)
     chosen = _choose(held_out, images, validation)
     controls = tune_controls(evidence, config.weights)
     best_control = f"control: {min(controls, key=lambda key: controls[key].objective)}"
     settings: dict[str, Setting] = {key: t.setting for key, t in tuned.items()}
     settings |= {
-        f"best fixed, {rule}": best_fixed(evidence, config.weights, table, r).setting
-        for r, rule in enumerate(DUPLICATES)
+        f"best fixed, {rule}": table.best_fixed(evidence, validation, r).setting for r, rule in enumerate(DUPLICATES)
     }
     settings["shipped default"] = reference
     settings |= {f"control: {key}": control.setting for key, control in controls.items()}
@@ -283,37 +300,40 @@ def _assess(
         for i, key in enumerate(names)
     )  # fmt: skip
     beyond = relative_change(means, draws, names.index(chosen), names.index(best_control), base=0)
+    split_setting = chosen if settings[chosen] is not None else "best fixed"  # where retrieval helps or hurts
     informative = settings[chosen] is not None and beyond.high < 0
     return DistributionReport(
         name=name,
-        guidance_scale=guidance,
+        guidance_scale=sampling.guidance_scale if name == "guided" else 1.0,
         rows=rows,
         chosen=chosen,
         best_control=best_control,
         beyond_control=beyond,
         informative=informative,
         verdict=_verdict(rows[names.index(chosen)], best_control, beyond, informative),
-        splits=_splits(evidence, settings[chosen], images, len(base), config),
-        top1=_top1(evidence, scores, positions, validation, settings[chosen] or settings["best fixed"]),
+        split_setting=split_setting,
+        splits=_splits(evidence, settings[split_setting], images, len(base), config),
+        top1=_top1(evidence, scores, positions, validation, settings[split_setting]),
         missing={
-            str(k): float(evidence.retrieval.missing[~evidence.validation, q].double().mean())
+            str(k): float(evidence.retrieval.missing[~evidence.on_validation, q].double().mean())
             for q, k in enumerate(evidence.ks)
         },
-        validation_grid=(valid_nll[0] + table.numpy() / tokens[~test].sum()).tolist(),  # λ > 0 only
+        validation_grid=(valid_nll[0] + table.fixed[validation].sum(0).numpy() / tokens[~test].sum()).tolist(),
     )
 
 
 def _tune(
-    evidence: Evidence, folds: torch.Tensor, config: CalibrationConfig
+    evidence: Evidence, table: GridTable, folds: torch.Tensor, config: CalibrationConfig
 ) -> tuple[dict[str, Tuned], dict[str, torch.Tensor]]:
-    """Each kind of rule tuned on validation -> ({kind: tuned}, {kind: (M,) out-of-fold NLL changes}), the model
-    alone first."""
+    """Each kind of rule tuned on the validation images -> ({kind: tuned}, {kind: (M,) out-of-fold NLL changes}),
+    the model alone first."""
     tuners = {
-        "best fixed": partial(tune_fixed, weights=config.weights),
-        "best gated": partial(best_gated, weights=config.weights, quantiles=config.gate_quantiles),
+        "best fixed": partial(table.best_fixed, evidence),
+        "best gated": partial(table.best_gated, evidence),
         "best logistic": partial(
             best_logistic,
-            weights=config.weights,
+            evidence,
+            table,
             candidates=config.logistic_candidates,
             max_weight=config.logistic_max_weight,
             steps=config.logistic_steps,
@@ -333,7 +353,7 @@ def _top1(
 ) -> dict[str, float]:
     """Top-1 accuracy on the test positions with neighbours: the model's, the nearest neighbour's token's and p_ret's
     at ``shown``'s (rule, τ, k); and the model's on all test tokens."""
-    found = ~evidence.validation & evidence.retrieval.found[:, 0]
+    found = ~evidence.on_validation & evidence.retrieval.found[:, 0]
     r, s, q = evidence.index(shown)
     return {
         "model (all tokens)": float(scores.top1[~validation].double().mean()),
@@ -356,7 +376,7 @@ def _choose(held_out: dict[str, torch.Tensor], images: torch.Tensor, validation:
 
 
 def _folds(validation: torch.Tensor, count: int = 2) -> torch.Tensor:
-    """(N,) each image's fold: the validation images dealt in turn into ``count`` folds (test images: fold 0)."""
+    """(N,) each image's fold: the validation images dealt in turn into ``count`` folds (test images: 0, unused)."""
     folds = torch.zeros(len(validation), dtype=torch.long)
     folds[validation] = torch.arange(int(validation.sum())) % count
     return folds
@@ -380,9 +400,10 @@ def _verdict(chosen: Row, control: str, beyond: Score, informative: bool) -> str
         )
     change = f"changes test NLL by {_percent(chosen.change)}"
     if not informative:
+        relation = "worse than the control" if beyond.low > 0 else "not clear of zero"
         return (
             f"This database does not inform this model: the chosen setting ({chosen.description}) {change}, but its "
-            f"difference from the best control ({control}) is {_percent(beyond)}, not clear of zero."
+            f"difference from the best control ({control}) is {_percent(beyond)}: {relation}."
         )
     return (
         f"This database informs this model: {chosen.description} {change}, {_percent(beyond)} beyond the best "
@@ -398,14 +419,14 @@ def _splits(
     evidence: Evidence, setting: Setting, images: torch.Tensor, count: int, config: CalibrationConfig
 ) -> tuple[Split, ...]:
     """The chosen setting by tercile of the model's entropy and of the nearest distance (edges from validation)."""
-    test = ~evidence.validation & evidence.retrieval.found[:, 0]
+    test = ~evidence.on_validation & evidence.retrieval.found[:, 0]
     model_nll, chosen_nll = -evidence.log_model, -evidence.log_mixture(setting)
     splits = []
     for feature, values in (
         ("model entropy", evidence.model_entropy),
         ("nearest distance", evidence.retrieval.nearest),
     ):
-        reference = values[evidence.validation & torch.isfinite(values)].numpy()
+        reference = values[evidence.on_validation & torch.isfinite(values)].numpy()
         if not len(reference):
             continue
         edges = np.quantile(reference, [1 / 3, 2 / 3])

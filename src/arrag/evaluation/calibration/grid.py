@@ -66,9 +66,9 @@ def score_grid(
         temperatures: the τ grid (each > 0).
         ks: the k grid, ascending, each at most K.
 
-    The nearest rule's mass on a token is the weight of its first occurrence, so it is computed on a (U, V) table of
-    first occurrences; the sum rule's per-token masses are accumulated over the k prefixes in one (U, V + 1) table
-    per τ. Memory: a few (U, max(K, V)) float64 tables.
+    The nearest rule's mass on a token is the weight of its first occurrence, so it is computed on a (U, Q, V) table
+    of first occurrences; the sum rule's per-token masses are accumulated over the k prefixes in a (U, Q, V + 1)
+    table per τ. Memory: a few (U, K) and (U, Q, V + 1) float64 tables: choose U by V.
     """
     ks = list(ks)
     if ks != sorted(set(ks)) or ks[0] < 1 or ks[-1] > distances.shape[1]:
@@ -85,32 +85,29 @@ def score_grid(
     present = positions < tokens.shape[1]  # (U, V)
     first_gaps = torch.where(present, gaps.gather(-1, positions.clamp_max(tokens.shape[1] - 1)), torch.inf)  # (U, V)
     log_scale = torch.where(present, first_gaps, 0.0)  # (U, V): −τ·log w of each first occurrence, without 0·inf
-    within = [positions < k for k in ks]  # Q × (U, V): the tokens the first k neighbours hold
+    within = positions[:, None, :] < torch.tensor(ks)[:, None]  # (U, Q, V): the tokens the first k neighbours hold
     # The nearest rule's mode: the smallest token among the neighbours tied with the nearest, for every τ.
     tied = torch.where(gaps == 0, tokens, vocab_size)  # (U, K)
     nearest_mode = torch.stack([tied[:, :k].min(-1).values for k in ks], dim=-1)  # (U, Q)
     shape = (len(rows), len(DUPLICATES), len(temperatures), len(ks))
-    log_target = torch.full(shape, -torch.inf, dtype=torch.float64)
-    entropy, top1 = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.bool)
-    bounds = [0, *ks]
+    log_target, entropy = torch.empty(shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64)
+    top1 = torch.empty(shape, dtype=torch.bool)
     for s, tau in enumerate(temperatures):
-        # nearest: a token's mass is the weight of its first occurrence, so Σ m·log m = Σ w·(−gap/τ)
-        first_weights = torch.exp(first_gaps / -tau)  # (U, V); 0 where the token is absent
-        for q, inside in enumerate(within):
-            kept = torch.where(inside, first_weights, 0.0)  # (U, V)
-            total = kept.sum(-1)  # (U,)
-            log_target[:, 0, s, q] = torch.log(kept[rows, targets]) - torch.log(total[rows])
-            entropy[:, 0, s, q] = (torch.log(total) + (kept * log_scale).sum(-1) / (tau * total))[rows]
+        # nearest: a token's mass is the weight of its first occurrence, so Σ m·log m = Σ m·(−gap/τ)
+        kept = torch.where(within, torch.exp(first_gaps / -tau)[:, None], 0.0)  # (U, Q, V); 0 where absent
+        plogp = (kept * log_scale[:, None]).sum(-1) / -tau  # (U, Q)
+        log_target[:, 0, s], entropy[:, 0, s] = _target_and_entropy(kept, plogp, rows, targets)
         top1[:, 0, s] = nearest_mode[rows] == targets[:, None]
-        # sum: every occurrence, per-token masses accumulated prefix by prefix in one table
+        # sum: every occurrence; per-token masses accumulated prefix by prefix (a cumulative sum over K)
         weights = torch.exp(gaps / -tau)  # (U, K) float64; 1 at the nearest, 0 for padding
-        table = weights.new_zeros(len(weights), vocab_size + 1)  # (U, V + 1)
-        for q, (a, b) in enumerate(pairwise(bounds)):
-            table.scatter_add_(-1, tokens[:, a:b], weights[:, a:b])
-            total = table.sum(-1)  # (U,)
-            log_target[:, 1, s, q] = torch.log(table[rows, targets]) - torch.log(total[rows])
-            entropy[:, 1, s, q] = (torch.log(total) - torch.special.xlogy(table, table).sum(-1) / total)[rows]
-            top1[:, 1, s, q] = table.argmax(-1)[rows] == targets  # argmax: the smallest id on ties
+        tables = weights.new_zeros(len(weights), len(ks), vocab_size + 1)  # (U, Q, V + 1)
+        for q, (a, b) in enumerate(pairwise([0, *ks])):
+            if q:
+                tables[:, q] = tables[:, q - 1]
+            tables[:, q].scatter_add_(-1, tokens[:, a:b], weights[:, a:b])
+        plogp = torch.special.xlogy(tables, tables).sum(-1)  # (U, Q)
+        log_target[:, 1, s], entropy[:, 1, s] = _target_and_entropy(tables, plogp, rows, targets)
+        top1[:, 1, s] = tables.argmax(-1)[rows] == targets[:, None]  # argmax: the smallest id on ties
     hit = found[rows][:, None, None, :]  # (B, 1, 1, Q)
     return GridScores(
         log_target=torch.where(hit, log_target, -torch.inf),
@@ -121,6 +118,17 @@ def score_grid(
         nearest=nearest[rows],
         kth=distances[:, [k - 1 for k in ks]][rows],
     )
+
+
+def _target_and_entropy(
+    masses: torch.Tensor, plogp: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, Q, V') per-token masses m and (U, Q) Σ m·log m -> ((B, Q) log p_ret(y), (B, Q) H(p_ret)) at each row's
+    query, with p_ret = m / Σ m and H = log Σ m − Σ m·log m / Σ m."""
+    total = masses.sum(-1)  # (U, Q)
+    on_target = masses.transpose(1, 2)[rows, targets]  # (B, Q), gathered without copying the tables
+    log_target = torch.log(on_target) - torch.log(total[rows])  # (B, Q)
+    return log_target, (torch.log(total) - plogp / total)[rows]
 
 
 def place_temperatures(

@@ -50,6 +50,7 @@ class DistributionReport:
     beyond_control: Score  # chosen minus best control, test NLL in % of the model alone's
     informative: bool
     verdict: str
+    split_setting: str  # the row the splits and p_ret's top-1 are of: the chosen one, or the best fixed mixture
     splits: tuple[Split, ...]
     top1: dict[str, float]  # accuracy on test positions with retrieval (and the model's on all tokens)
     missing: dict[str, float]  # k -> share of test positions whose true token no neighbour of the first k has
@@ -163,9 +164,10 @@ def render_report(report: CalibrationReport) -> str:
             detail = "" if row.setting is None else f"  {row.description}"
             lines.append(f"{mark} {row.name:<{width}}  {_nll(row.test_nll)}  {change}  {validation:<17}{detail}")
         lines.append(f"  beyond the best control ({part.best_control}): {_score(part.beyond_control, '%')}")
+        lines.append(f"  {part.split_setting} by tercile (test positions with retrieval; edges from validation):")
         for split in part.splits:
             lines.append(
-                f"  {split.feature} in [{split.low:.3g}, {split.high:.3g}] ({split.share:.0%} of positions): "
+                f"    {split.feature} in [{split.low:.3g}, {split.high:.3g}] ({split.share:.0%} of positions): "
                 f"{split.model_nll.mean:.4f} -> {split.chosen_nll.mean:.4f}, {_score(split.change, '%')}"
             )
         lines.append("  top-1: " + ", ".join(f"{name} {value:.1%}" for name, value in part.top1.items()))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -40,7 +41,7 @@ class RetrievalMeasurements:
     bucket_counts: np.ndarray  # (buckets, V) next tokens of the neighbours of validation positions, per bucket
     unique_queries: int
     searches: int
-    search_seconds: float
+    search_seconds: float  # waiting for search results (each search but the first overlaps the scoring before it)
     grid_seconds: float
 
 
@@ -99,29 +100,35 @@ def measure_retrieval(
     order = rank[inverse]  # (M,) each position's query in search order
     parts: list[tuple[torch.Tensor, GridScores]] = []
     counts, edges, taus = np.zeros(0), np.zeros(0), ()
+    size = -(-len(unique) // max(1, len(unique) // batch))  # equal batches of at least ``batch``
+    batches = [searched[start : start + size] for start in range(0, len(unique), size)]  # queries of each search
     search_seconds = grid_seconds = 0.0
-    searches = max(1, len(unique) // batch)
-    batch = -(-len(unique) // searches)
-    for start in range(0, len(unique), batch):
-        clock = time.perf_counter()
-        found = database.search(unique[searched[start : start + batch]], ks[-1])  # (b, K)
-        search_seconds += time.perf_counter() - clock
-        clock = time.perf_counter()
-        members = torch.nonzero((order >= start) & (order < start + batch))[:, 0]  # positions of this batch
-        rows = order[members] - start  # (B,)
-        if start == 0:
-            taus = temperatures.place(found)
-            pilot = found.distances[rows[on_validation[members]], 0].double().numpy()
-            edges = bucket_edges(pilot[np.isfinite(pilot)], buckets)
-            counts = np.zeros((len(edges) + 1, backend.codebook_size + 1))
-        scores = score_grid(
-            found.distances, found.tokens, found.valid, rows, targets[members], backend.codebook_size, taus, ks
-        )
-        counts += bucket_token_counts(
-            found, rows[on_validation[members]], scores.nearest[on_validation[members]], edges, backend.codebook_size
-        )
-        parts.append((members, scores))
-        grid_seconds += time.perf_counter() - clock
+    # the next batch is searched (FAISS releases the GIL, on its own threads) while this one is scored
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(database.search, unique[batches[0]], ks[-1])
+        for i in range(len(batches)):
+            clock = time.perf_counter()
+            found = pending.result()  # (b, K)
+            search_seconds += time.perf_counter() - clock
+            if i + 1 < len(batches):
+                pending = pool.submit(database.search, unique[batches[i + 1]], ks[-1])
+            clock = time.perf_counter()
+            members = torch.nonzero(order // size == i)[:, 0]  # (B,) the positions whose query is in this batch
+            rows = order[members] - i * size  # (B,) each one's query in the batch
+            if i == 0:
+                taus = temperatures.place(found)
+                pilot = found.distances[rows[on_validation[members]], 0].double().numpy()
+                edges = bucket_edges(pilot[np.isfinite(pilot)], buckets)
+                counts = np.zeros((len(edges) + 1, backend.codebook_size + 1))
+            scores = score_grid(
+                found.distances, found.tokens, found.valid, rows, targets[members], backend.codebook_size, taus, ks
+            )
+            validating = on_validation[members]
+            counts += bucket_token_counts(
+                found, rows[validating], scores.nearest[validating], edges, backend.codebook_size
+            )
+            parts.append((members, scores))
+            grid_seconds += time.perf_counter() - clock
     return RetrievalMeasurements(
         positions=positions,
         temperatures=taus,
@@ -130,7 +137,7 @@ def measure_retrieval(
         bucket_edges=edges,
         bucket_counts=counts[:, :-1],
         unique_queries=len(unique),
-        searches=searches,
+        searches=len(batches),
         search_seconds=search_seconds,
         grid_seconds=grid_seconds,
     )
