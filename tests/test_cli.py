@@ -449,3 +449,16 @@ def test_db_rollback_puts_back_the_database_an_interrupted_overwrite_replaced(im
     assert (db / "manifest.json").read_text() == manifest
     assert main(["db", "rollback", str(db)]) == 2
     assert "no unfinished build or add to roll back" in capsys.readouterr().err
+
+
+def test_db_calibrate_reports_and_writes_calibration_json(image_folder, tmp_path, capsys):
+    """A database of the held-out images themselves informs the model: the report says so and is saved."""
+    db = tmp_path / "db"
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
+    capsys.readouterr()
+    assert main(["db", "calibrate", str(db), str(image_folder), "--max-images", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "DAiD calibration: backend tiny:0" in out and "12 images" in out
+    report = json.loads((db / "calibration.json").read_text())
+    assert report["backend"] == "tiny:0"
+    assert main(["db", "calibrate", str(db), str(tmp_path / "missing")]) == 2

@@ -1,4 +1,4 @@
-"""``arrag db build | add | rollback | info``: patch databases from images, through a backend's tokenizer."""
+"""``arrag db build | add | calibrate | rollback | info``: patch databases and what they tell a model."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-from arrag.backends import BackendRef
+from arrag.backends import BackendRef, load_backend
 from arrag.build import BuildConfig, add_to_database, build_database, rollback
 from arrag.cli.options import (
     BUILTIN_BACKEND,
     Commands,
+    add_device_options,
     add_engine_options,
     build_config,
     command,
@@ -78,6 +79,17 @@ def register(commands: Commands) -> None:
     add_engine_options(add)
     add.set_defaults(handler=run_add)
 
+    calibrate = command(db, "calibrate", "held-out likelihood with and without DAiD: what the database tells the model")
+    calibrate.add_argument("directory", type=Path, metavar="DB", help="the database's folder")
+    calibrate.add_argument(
+        "heldout", nargs="+", metavar="HELDOUT", help=f"held-out images: {IMAGES_HELP}, world-eval:N"
+    )
+    calibrate.add_argument("--backend", help="default: the database's backend")
+    calibrate.add_argument("--max-images", type=int, default=400, help="held-out images read (half validation)")
+    calibrate.add_argument("--out", type=Path, help="where calibration.json goes (default: the database's folder)")
+    add_device_options(calibrate)
+    calibrate.set_defaults(handler=run_calibrate)
+
     undo = command(db, "rollback", "abandon an interrupted build or add: an overwritten database comes back")
     undo.add_argument("directory", type=Path, metavar="DB", help="the database's folder")
     undo.set_defaults(handler=run_rollback)
@@ -104,6 +116,18 @@ def run_add(args: argparse.Namespace) -> int:
     with on_interrupt(_how_to_resume):
         report = add_to_database(backend, args.images, args.directory, build_config(args), resume=args.resume)
     _print_report("added to", args.directory, report)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from arrag.evaluation.calibration import calibrate, write_report
+    from arrag.evaluation.calibration.heldout import read_heldout
+
+    backend = load_backend(args.backend or read_manifest(args.directory)["spec"]["backend"], args.device, args.dtype)
+    heldout = read_heldout(args.heldout, args.max_images)
+    report = calibrate(backend, args.directory, heldout, description=" ".join(args.heldout))
+    print(report.render())
+    print(f"wrote {write_report(report, args.out)}")
     return 0
 
 

@@ -75,3 +75,22 @@ def world_heldout(count: int, seed: int = EVAL_SEED) -> tuple[list[str], list[Im
     """The built-in world's held-out scenes (evaluation glyph pool) and their captions."""
     prompts, scenes = eval_scenes(count, seed)
     return [p.text for p in prompts], [Image.fromarray(scene) for scene in scenes]
+
+
+def read_heldout(inputs: Sequence[str], max_images: int) -> list[tuple[str | None, Image.Image]]:
+    """The first ``max_images`` readable images of ``inputs`` (anything ``arrag db build`` reads: folders, tars,
+    Parquet, ``world-eval:N``) with their captions where the source has them; unreadable items are skipped."""
+    from arrag.build.sources import plan_shards, read_shard
+
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    items: list[tuple[str | None, Image.Image]] = []
+    for shard in plan_shards(inputs).shards:
+        for item in read_shard(shard):
+            if item.image is not None:
+                items.append((item.caption, item.image))
+            if len(items) == max_images:
+                return items
+    if not items:
+        raise ValueError(f"no readable image in {', '.join(inputs)}")
+    return items
