@@ -233,7 +233,8 @@ def test_library_errors_are_printed_with_the_flags_that_set_their_arguments(imag
     assert cli_message("--resume and --train-size stay; so do train_sizes and self.address") == (
         "--resume and --train-size stay; so do train_sizes and self.address"
     )
-    assert all(flag.removeprefix("no ").startswith("--") for flag in CLI_FLAGS.values())
+    assert all(flag.removeprefix("no ").startswith(("--", "arrag ")) for flag in CLI_FLAGS.values())  # or a command
+    assert cli_message("abandon it with rollback()") == "abandon it with arrag db rollback"
 
 
 def test_the_training_command_is_the_argv_given_to_main(tmp_path):
