@@ -71,7 +71,13 @@ def test_generate_writes_pngs_with_every_parameter(image_folder, tmp_path):
     assert sidecar["seed"] == 8
     assert sidecar["backend"] == "tiny:0"  # the name that loads the backend again
     assert sidecar["config"]["method"] == "daid"
-    assert sidecar["config"]["retrieval"] == {"weight": 0.4, "temperature": 0.5, "k": 8, "duplicates": "nearest"}
+    assert sidecar["config"]["retrieval"] == {
+        "weight": 0.4,
+        "temperature": 0.5,
+        "k": 8,
+        "duplicates": "nearest",
+        "rule": None,
+    }
     assert sidecar["config"]["sampling"]["guidance_scale"] == 5.0
     assert len(sidecar["tokens"]) == 64
     assert len(sidecar["provenance"]["image_ids"]) == 64

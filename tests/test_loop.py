@@ -166,3 +166,24 @@ def test_batches_of_a_huge_request_come_one_at_a_time(backend):
     first = next(batches)
     assert first.seeds == [0, 1]
     assert torch.equal(first.tokens, generate(backend, ["a red 7"] * 2, GenerationConfig()).tokens)
+
+
+def test_a_weight_rule_is_applied_by_the_loop(backend, database):
+    """A fixed rule is the fixed λ; a gate every neighbour passes is the fixed λ, one none passes the model alone."""
+    from arrag.decoding.weights import AdaptiveWeight
+
+    def with_rule(rule):
+        retrieval = RetrievalConfig(weight=0.6, k=16, rule=rule)
+        return generate(backend, PROMPTS[:2], GenerationConfig(method="daid", retrieval=retrieval, seed=5), database)
+
+    fixed = with_rule(None).tokens
+    alone = generate(backend, PROMPTS[:2], GenerationConfig(seed=5)).tokens
+    assert not torch.equal(fixed, alone)
+    assert torch.equal(with_rule(AdaptiveWeight("fixed", 0.6)).tokens, fixed)
+    assert torch.equal(with_rule(AdaptiveWeight("gated", 0.6, threshold=1e9)).tokens, fixed)
+    gated_off = with_rule(AdaptiveWeight("gated", 0.6, threshold=-1.0))
+    assert torch.equal(gated_off.tokens, alone)
+    shares = gated_off.records.retrieval_share[:, database.positions]
+    assert torch.equal(shares, torch.zeros_like(shares))  # retrieval ran, and the gate weighed nothing
+    with pytest.raises(ValueError, match="must be the same number"):
+        RetrievalConfig(weight=0.3, rule=AdaptiveWeight("fixed", 0.6))

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arrag.decoding.merge import entropy, gated_weight, logistic_weight, mix, mix_per_row, retrieval_distribution
-from arrag.decoding.weights import AdaptiveWeight
+from arrag.decoding.merge import entropy, mix, mix_per_row, retrieval_distribution
+from arrag.decoding.weights import AdaptiveWeight, gated_weight, logistic_weight
 
 V = 12
 
@@ -163,3 +163,25 @@ def test_adaptive_weights_round_trip_through_json_and_refuse_bad_rules():
         AdaptiveWeight("fixed", 1.5)
     with pytest.raises(ValueError, match="entropies"):
         rules[2].weights(nearest)
+
+
+def test_retrieve_and_mix_applies_a_logistic_rule_row_by_row():
+    """The logistic λ of each row from its nearest distance and the entropies of p_ret and p_model."""
+    from arrag.config import RetrievalConfig
+    from arrag.decoding.merge import retrieve_and_mix
+    from arrag.retrieval.neighbours import Neighbours
+
+    generator = torch.Generator().manual_seed(0)
+    p_model = torch.softmax(torch.randn(3, 6, generator=generator), dim=-1)
+    distances = torch.rand(3, 4, generator=generator).sort(dim=-1).values
+    tokens = torch.randint(0, 6, (3, 4), generator=generator)
+    valid = torch.tensor([[True] * 4, [True, True, False, False], [False] * 4])
+    found = Neighbours(distances.masked_fill(~valid, float("inf")), tokens, tokens, tokens, valid)
+    rule = AdaptiveWeight("logistic", 0.8, coefficients=(0.5, -2.0, 0.3, -0.4))
+    mixture = retrieve_and_mix(p_model, found, RetrievalConfig(0.8, 0.5, 4, "sum", rule))
+    p_ret, rows = retrieval_distribution(found.distances, tokens, valid, 6, 0.5, "sum")
+    nearest = found.distances.min(dim=-1).values
+    weights = logistic_weight(nearest, entropy(p_ret), entropy(p_model), rule.coefficients, 0.8).where(rows, 0.0)
+    torch.testing.assert_close(mixture.probs, mix_per_row(p_model, p_ret, rows, weights), rtol=0, atol=0)
+    assert torch.equal(mixture.probs[2], p_model[2])  # no neighbours: the model alone
+    assert 0 < weights[0] < 0.8 and weights[2] == 0

@@ -229,7 +229,7 @@ def test_calibration_prefills_the_chosen_setting_and_tolerates_its_absence(tmp_p
     fixed = DaidSetting("sum", 2.0, 256, AdaptiveWeight("fixed", 0.05))
     assert calibrated_retrieval(chosen(fixed.to_dict())) == RetrievalConfig(0.05, 2.0, 256, "sum")
     gated = DaidSetting("nearest", 1.0, 512, AdaptiveWeight("gated", 0.2, threshold=3.0))
-    assert calibrated_retrieval(chosen(gated.to_dict())) == RetrievalConfig(0.2, 1.0, 512, "nearest")
+    assert calibrated_retrieval(chosen(gated.to_dict())) == RetrievalConfig(0.2, 1.0, 512, "nearest", gated.weight)
     assert calibrated_retrieval(chosen(None)) is None  # calibration chose the model alone
     (tmp_path / CALIBRATION_FILE).write_text("{not json")
     assert calibrated_retrieval(tmp_path) is None

@@ -7,6 +7,8 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from arrag.decoding.weights import AdaptiveWeight, check_weight
+
 Method = Literal["none", "daid", "faid", "faid+daid"]
 METHODS: tuple[Method, ...] = ("none", "daid", "faid", "faid+daid")
 Duplicates = Literal["nearest", "sum"]
@@ -15,8 +17,7 @@ FilterOrder = Literal["after_merge", "before_merge"]
 
 def check_retrieval_parameters(weight: float, temperature: float, k: int) -> None:
     """Raise ValueError with the fix for a retrieval weight λ, temperature τ or neighbour count k out of range."""
-    if not (isinstance(weight, numbers.Real) and 0.0 <= weight <= 1.0):
-        raise ValueError(f"retrieval weight λ must be in [0, 1] (0 = model only, 1 = retrieval only), got {weight}")
+    check_weight(weight)
     if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"retrieval temperature τ must be a finite number > 0, got {temperature}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
@@ -62,9 +63,12 @@ class RetrievalConfig:
     temperature: float = 1.0
     k: int = 2048
     duplicates: Duplicates = "nearest"
+    rule: AdaptiveWeight | None = None  # λ per row (a gated or logistic rule, e.g. calibration's); its weight is λ
 
     def __post_init__(self) -> None:
         check_retrieval_parameters(self.weight, self.temperature, self.k)
+        if self.rule is not None and self.rule.weight != self.weight:
+            raise ValueError(f"the rule's λ {self.rule.weight} and weight {self.weight} must be the same number")
         if self.duplicates not in ("nearest", "sum"):
             raise ValueError(
                 f"duplicates must be 'nearest' (the paper's code) or 'sum' (kNN-LM), got {self.duplicates!r}"

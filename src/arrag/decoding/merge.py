@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +82,8 @@ def retrieve_and_mix(p_model: torch.Tensor, found: Neighbours | None, retrieval:
     """DAiD's step: mix the distribution of ``found``'s first k next tokens into ``p_model`` (B, V).
 
     ``retrieval`` None (FAiD alone) or ``found`` None (a position without a search) leave ``p_model`` as it is.
+    A retrieval ``rule`` sets λ per row from the nearest distance (and, for a logistic rule, the entropies of
+    p_ret and of ``p_model``, the distribution after guidance and temperature, as calibration measured them).
     """
     if found is None:
         return Mixture(p_model, None, torch.zeros(p_model.shape[0], dtype=torch.bool))
@@ -98,7 +99,14 @@ def retrieve_and_mix(p_model: torch.Tensor, found: Neighbours | None, retrieval:
         retrieval.duplicates,
     )
     p_retrieved, rows = p_retrieved.to(p_model.device), rows.to(p_model.device)  # (B, V), (B,)
-    return Mixture(mix(p_model, p_retrieved, rows, retrieval.weight), retrieval.weight * p_retrieved, rows)
+    rule = retrieval.rule
+    if rule is None or rule.kind == "fixed":
+        return Mixture(mix(p_model, p_retrieved, rows, retrieval.weight), retrieval.weight * p_retrieved, rows)
+    nearest = found.distances[:, :k].min(dim=-1).values.to(p_model.device)  # (B,); +inf where nothing was found
+    entropies = (entropy(p_retrieved), entropy(p_model)) if rule.needs_entropies else (None, None)
+    weights = rule.weights(nearest, *entropies).where(rows, 0.0)  # (B,) float64
+    weighted = weights.to(p_model.dtype)[:, None] * p_retrieved  # (B, V) λ_row·p_ret
+    return Mixture(mix_per_row(p_model, p_retrieved, rows, weights), weighted, rows)
 
 
 # Adaptive weights: λ per row from how confident retrieval is. Shapes: B rows, V codebook size.
@@ -107,38 +115,6 @@ def retrieve_and_mix(p_model: torch.Tensor, found: Neighbours | None, retrieval:
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """(B, V) distributions -> (B,) entropies in nats; ``0·log 0 = 0``, so a zero row has entropy 0."""
     return -torch.special.xlogy(probs, probs).sum(dim=-1)  # (B,)
-
-
-def gated_weight(nearest_distance: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
-    """(B,) nearest squared distances -> (B,) λ where the nearest neighbour is within ``threshold``, else 0.
-
-    A threshold of +inf is the fixed λ (rows without neighbours, distance +inf, keep λ: ``mix`` leaves them).
-    """
-    check_retrieval_parameters(weight, 1.0, 1)
-    if math.isnan(threshold):
-        raise ValueError("the gate's distance threshold must be a number, got NaN")
-    return (nearest_distance <= threshold).double() * weight  # (B,) float64: λ itself, never rounded to float32
-
-
-def logistic_weight(
-    nearest_distance: torch.Tensor,
-    retrieval_entropy: torch.Tensor,
-    model_entropy: torch.Tensor,
-    coefficients: tuple[float, float, float, float],
-    max_weight: float,
-) -> torch.Tensor:
-    """(B,) features -> (B,) ``λ = λ_max·σ(a + b·d_min + c·H(p_ret) + e·H(p_model))``, in [0, λ_max].
-
-    ``coefficients`` is (a, b, c, e). Rows without neighbours (d_min +inf) get whatever the limit gives; ``mix``
-    leaves them unchanged anyway.
-    """
-    check_retrieval_parameters(max_weight, 1.0, 1)
-    a, b, c, e = coefficients
-    features = torch.stack([nearest_distance, retrieval_entropy, model_entropy], dim=-1).double()  # (B, 3)
-    slopes = features.new_tensor([b, c, e])  # (3,)
-    # A zero coefficient ignores its feature even where it is infinite (0·inf would be NaN).
-    terms = torch.where(slopes == 0, 0.0, features * slopes)  # (B, 3)
-    return max_weight * torch.sigmoid(a + terms.sum(dim=-1))  # (B,)
 
 
 def mix_per_row(

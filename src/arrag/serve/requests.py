@@ -25,7 +25,9 @@ from PIL import Image
 from arrag.backends import Backend, load_backend, parse_name
 from arrag.config import METHODS, GenerationConfig, Method, RetrievalConfig
 from arrag.decoding.loop import GenerationOutput, generate
+from arrag.decoding.weights import AdaptiveWeight
 from arrag.evaluation.calibration.report import CALIBRATION_FILE
+from arrag.evaluation.calibration.tuning import DaidSetting
 from arrag.faid.blender import FaidAdapter
 from arrag.faid.files import shipped_adapter
 from arrag.images import save_image, to_pil
@@ -94,7 +96,7 @@ def find_databases(cache: Path, extra: Sequence[Path] = ()) -> tuple[DatabaseCho
 
 
 def calibrated_retrieval(directory: Path) -> RetrievalConfig | None:
-    """The DAiD setting ``calibration.json`` in a database folder chose (a λ rule's weight as λ); None when the
+    """The DAiD setting ``calibration.json`` in a database folder chose (with its λ rule); None when the
     folder has none, when calibration chose the model alone, or when the file cannot be read (logged)."""
     path = Path(directory) / CALIBRATION_FILE
     if not path.is_file():
@@ -103,9 +105,10 @@ def calibrated_retrieval(directory: Path) -> RetrievalConfig | None:
         setting = json.loads(path.read_text())["chosen"]["setting"]
         if setting is None:
             return None
-        weight = setting["weight"]
-        weight = weight["weight"] if isinstance(weight, dict) else weight
-        return RetrievalConfig(float(weight), float(setting["temperature"]), int(setting["k"]), setting["duplicates"])
+        rule = AdaptiveWeight.from_dict(setting["weight"])
+        return DaidSetting(
+            setting["duplicates"], float(setting["temperature"]), int(setting["k"]), rule
+        ).retrieval_config()
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning("ignoring %s: %s", path, error)
         return None

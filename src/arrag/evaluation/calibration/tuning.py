@@ -35,7 +35,8 @@ class DaidSetting:
 
     def retrieval_config(self) -> RetrievalConfig:
         """The decoding loop's config for this setting (λ: the rule's weight, λ_max for a logistic rule)."""
-        return RetrievalConfig(self.weight.weight, self.temperature, self.k, self.duplicates)
+        rule = None if self.weight.kind == "fixed" else self.weight
+        return RetrievalConfig(self.weight.weight, self.temperature, self.k, self.duplicates, rule)
 
     def describe(self) -> str:
         return f"DAiD {self.duplicates}, τ {self.temperature:.3g}, k {self.k}, {self.weight.describe()}"
