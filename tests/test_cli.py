@@ -469,3 +469,29 @@ def test_db_calibrate_reports_and_writes_calibration_json(image_folder, tmp_path
     report = json.loads((db / "calibration.json").read_text())
     assert report["backend"] == "tiny:0"
     assert main(["db", "calibrate", str(db), str(tmp_path / "missing")]) == 2
+
+
+def test_generate_uses_the_databases_calibrated_setting_unless_options_are_given(image_folder, tmp_path, capsys):
+    from arrag.decoding.weights import AdaptiveWeight
+    from arrag.evaluation.calibration import DaidSetting
+
+    db, out = tmp_path / "db", tmp_path / "out"
+    assert main(["db", "build", str(image_folder), "--out", str(db), "--backend", "tiny"]) == 0
+    run = ["generate", "a red 7", "--db", str(db), "--method", "daid"]
+    assert main([*run, "--out", str(out / "a")]) == 0
+    assert "has no calibration.json" in capsys.readouterr().err
+    setting = DaidSetting("sum", 0.5, 16, AdaptiveWeight("gated", 0.2, threshold=1.0))
+    (db / "calibration.json").write_text(json.dumps({"chosen": {"setting": setting.to_dict()}}))
+    assert main([*run, "--out", str(out / "b")]) == 0
+    assert "calibration.json chose (sum, τ 0.5, k 16, λ 0.2 by rule)" in capsys.readouterr().err
+    sidecar = json.loads(next((out / "b").glob("*.json")).read_text())
+    assert sidecar["config"]["retrieval"]["rule"]["kind"] == "gated" and sidecar["retrieval_from"] == "calibration.json"
+    assert main([*run, "--k", "8", "--out", str(out / "c")]) == 0  # an option given overrides the calibrated one
+    assert json.loads(next((out / "c").glob("*.json")).read_text())["config"]["retrieval"]["k"] == 8
+    assert main([*run, "--weight", "0.5", "--out", str(out / "e")]) == 0  # a λ given replaces the rule
+    retrieval = json.loads(next((out / "e").glob("*.json")).read_text())["config"]["retrieval"]
+    assert retrieval["weight"] == 0.5 and retrieval["rule"] is None and retrieval["k"] == 16
+    (db / "calibration.json").write_text(json.dumps({"chosen": {"setting": None}}))
+    assert main([*run, "--out", str(out / "d")]) == 0
+    assert "does not inform this model" in capsys.readouterr().err
+    assert json.loads(next((out / "d").glob("*.json")).read_text())["config"]["retrieval"]["weight"] == 0.0

@@ -31,6 +31,7 @@ class Settings:
     database: str | None = None  # the patch database's folder
     faid: str | None = None  # the FAiD adapter's folder, or "shipped"
     max_prompt_bytes: int | None = None  # prompts were cut to this many UTF-8 bytes (BenchConfig)
+    retrieval_from: str | None = None  # where DAiD's setting came from (calibration.json, defaults), options aside
 
     def __post_init__(self) -> None:
         if not self.backend:

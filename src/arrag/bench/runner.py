@@ -43,6 +43,7 @@ class BenchConfig:
     limit: int | None = None  # at most this many prompts from ``start``
     batch_prompts: int = 1  # prompts decoded together (× images per prompt rows)
     max_prompt_bytes: int | None = None  # cut longer prompts (UTF-8) to this; None: not cut (CLI: the model's limit)
+    retrieval_from: str | None = None  # where DAiD's setting came from, recorded in the images (Settings)
 
     def __post_init__(self) -> None:
         if self.start < 0:
@@ -174,7 +175,9 @@ def run_jobs(
     began = time.perf_counter()
     generation = config.generation
     database_name = None if database_path is None else str(database_path)
-    settings = Settings(backend.name, generation, database_name, faid_name, config.max_prompt_bytes)
+    settings = Settings(
+        backend.name, generation, database_name, faid_name, config.max_prompt_bytes, config.retrieval_from
+    )
     earlier = next((path for job in jobs if (path := layout.finished(job)) is not None), None)
     if earlier is not None:  # any shard's finished image: the folder holds one run's images only
         check_resumable(earlier, settings)

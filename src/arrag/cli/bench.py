@@ -107,7 +107,9 @@ def _bench_config(args: argparse.Namespace, resources: Resources, images: int | 
     generation = generation_config(args, resources.backend, images)
     given = args.max_prompt_bytes
     max_prompt_bytes = prompt_limit(resources.backend) if given is None else given
-    return BenchConfig(generation, args.start, args.limit, args.batch_prompts, max_prompt_bytes)
+    return BenchConfig(
+        generation, args.start, args.limit, args.batch_prompts, max_prompt_bytes, resources.retrieval_from
+    )
 
 
 def _print_summary(args: argparse.Namespace, summary: RunSummary) -> int:

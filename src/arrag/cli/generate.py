@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if args.provenance and database is None:
         raise ValueError("--provenance shows where retrieved tokens came from; use a method with retrieval")
     sources = SourceImages(database, backend, Path(resources.database_name)) if args.provenance else None
-    settings = Settings(backend.name, config, resources.database_name, resources.faid_name)
+    settings = Settings(
+        backend.name, config, resources.database_name, resources.faid_name, None, resources.retrieval_from
+    )
     rows = len(args.prompts) * config.num_images_per_prompt
     writer = ImageWriter(settings, rows, args.out, database, args.overwrite)
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import json
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -122,7 +123,9 @@ def given_retrieval(args: argparse.Namespace) -> dict[str, object]:
 
 
 def retrieval_config(args: argparse.Namespace) -> RetrievalConfig:
-    return replace(args.retrieval_defaults, **given_retrieval(args))
+    given = given_retrieval(args)
+    rule = None if "weight" in given else args.retrieval_defaults.rule  # a λ given replaces a calibrated rule
+    return replace(args.retrieval_defaults, **given, rule=rule)
 
 
 def add_generation_options(parser: argparse.ArgumentParser, images: int | None, seeds: str) -> None:
@@ -161,6 +164,35 @@ def method(args: argparse.Namespace) -> str:
 def note(message: str) -> None:
     """One line on stderr that says what the command does where it chose for the user."""
     print(f"arrag: {message}", file=sys.stderr)
+
+
+def calibrated_defaults(folder: Path, defaults: RetrievalConfig) -> tuple[RetrievalConfig, str]:
+    """DAiD's defaults for the database in ``folder`` and where they come from: the setting its calibration.json
+    chose (λ = 0 where it chose the model alone), else ``defaults`` with a warning. Options given override them."""
+    from arrag.evaluation.calibration.report import CALIBRATION_FILE
+    from arrag.serve.requests import calibrated_retrieval
+
+    path = folder / CALIBRATION_FILE
+    try:
+        chosen = json.loads(path.read_text())["chosen"]["setting"] if path.is_file() else False
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        note(f"warning: ignoring {path} ({error}); DAiD uses arrag's default setting")
+        return defaults, "arrag's defaults (calibration.json unreadable)"
+    if chosen is False:
+        note(
+            f"warning: {folder} has no calibration.json, so DAiD uses arrag's default setting, which raised the "
+            "world database's held-out NLL by 10-16% (docs/calibration.md); arrag db calibrate DB HELDOUT chooses one"
+        )
+        return defaults, "arrag's defaults (no calibration.json)"
+    if chosen is None:
+        note(f"{path}: this database does not inform this model; DAiD runs with λ = 0 (the model alone)")
+        return replace(defaults, weight=0.0, rule=None), "calibration.json: the model alone"
+    config = calibrated_retrieval(folder)
+    note(
+        f"DAiD: the setting {path} chose ({config.duplicates}, τ {config.temperature:.3g}, k {config.k}, "
+        f"λ {config.weight:.3g}{' by rule' if config.rule is not None else ''}); options given override it"
+    )
+    return config, "calibration.json"
 
 
 def generation_config(args: argparse.Namespace, backend: Backend, images: int | None = None) -> GenerationConfig:
@@ -206,6 +238,7 @@ class Resources:
     database_name: str | None = None  # the database's folder
     faid: FaidAdapter | None = None
     faid_name: str | None = None  # the adapter's folder, or "shipped"
+    retrieval_from: str | None = None  # where DAiD's setting comes from (the database's calibration, defaults)
 
     def __post_init__(self) -> None:
         if (self.database is None) != (self.database_name is None) or (self.faid is None) != (self.faid_name is None):
@@ -230,6 +263,9 @@ def load_resources(args: argparse.Namespace) -> Resources:
     if chosen != "none":
         database, database_name = _database(args.db, backend, chosen)
         resources = replace(resources, database=database, database_name=database_name)
+        if chosen in ("daid", "faid+daid"):  # DAiD's defaults: the database's calibrated setting, if any
+            args.retrieval_defaults, retrieval_from = calibrated_defaults(Path(database_name), args.retrieval_defaults)
+            resources = replace(resources, retrieval_from=retrieval_from)
     if "faid" in chosen:  # faid, faid+daid
         adapter = load_adapter(args.faid, backend) if args.faid else shipped_adapter(backend)
         if adapter is None:
